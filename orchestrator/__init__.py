@@ -1,0 +1,1 @@
+"""High-availability orchestrator for Xen domains (Remus / COLO)."""
