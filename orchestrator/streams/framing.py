@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from typing import Final
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, ClassVar, Final
 
 from .errors import RecordError
 
@@ -61,3 +63,23 @@ def encode_record_parts(
 
 def padding_is_zero(padding: memoryview | bytes) -> bool:
     return bytes(padding) == _ZERO_PAD[: len(padding)]
+
+
+def empty_body(rtype: IntEnum) -> Any:
+    """A body class for a record that must be empty (END, CHECKPOINT, ...)."""
+
+    @dataclass(frozen=True, slots=True)
+    class Empty:
+        RTYPE: ClassVar[int] = rtype
+
+        def encode(self) -> bytes:
+            return b""
+
+        @classmethod
+        def decode(cls, body: memoryview | bytes) -> Empty:
+            if len(body):
+                raise RecordError(f"body length {len(body)} != 0 ({rtype.name} is empty)")
+            return cls()
+
+    Empty.__name__ = Empty.__qualname__ = rtype.name.title().replace("_", "")
+    return Empty

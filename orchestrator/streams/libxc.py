@@ -20,7 +20,7 @@ from enum import IntEnum
 from typing import ClassVar, Final, Protocol, Self
 
 from .errors import RecordError
-from .framing import REC_LENGTH_MAX, encode_record, encode_record_parts
+from .framing import REC_LENGTH_MAX, empty_body, encode_record, encode_record_parts
 
 PAGE_SHIFT: Final = 12
 PAGE_SIZE: Final = 1 << PAGE_SHIFT
@@ -205,28 +205,10 @@ def _exact(body: memoryview | bytes, size: int, name: str) -> None:
         raise RecordError(f"body length {len(body)} != {size}")
 
 
-def _empty_body(rtype: RecType) -> type[Body]:
-    @dataclass(frozen=True, slots=True)
-    class Empty:
-        RTYPE: ClassVar[int] = rtype
-
-        def encode(self) -> bytes:
-            return b""
-
-        @classmethod
-        def decode(cls, body: memoryview | bytes) -> Empty:
-            if len(body):
-                raise RecordError(f"body length {len(body)} != 0 ({rtype.name} is empty)")
-            return cls()
-
-    Empty.__name__ = Empty.__qualname__ = rtype.name.title().replace("_", "")
-    return Empty
-
-
-End = _empty_body(RecType.END)
-Verify = _empty_body(RecType.VERIFY)
-Checkpoint = _empty_body(RecType.CHECKPOINT)
-StaticDataEnd = _empty_body(RecType.STATIC_DATA_END)
+End = empty_body(RecType.END)
+Verify = empty_body(RecType.VERIFY)
+Checkpoint = empty_body(RecType.CHECKPOINT)
+StaticDataEnd = empty_body(RecType.STATIC_DATA_END)
 
 _PAGE_DATA_HDR: Final = struct.Struct("<II")
 

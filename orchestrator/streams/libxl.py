@@ -12,7 +12,7 @@ from enum import IntEnum
 from typing import ClassVar, Final, Self
 
 from .errors import RecordError
-from .framing import encode_record
+from .framing import empty_body, encode_record
 
 LIBXL_IDENT: Final = 0x4C6962786C466D74  # "LibxlFmt"
 LIBXL_VERSION: Final = 2
@@ -161,27 +161,9 @@ class CheckpointStateRecord:
         return cls(state)
 
 
-def _empty(rtype: RecType) -> type:
-    @dataclass(frozen=True, slots=True)
-    class Empty:
-        RTYPE: ClassVar[int] = rtype
-
-        def encode(self) -> bytes:
-            return b""
-
-        @classmethod
-        def decode(cls, body: memoryview | bytes) -> Empty:
-            if len(body):
-                raise RecordError(f"body length {len(body)} != 0 ({rtype.name} is empty)")
-            return cls()
-
-    Empty.__name__ = Empty.__qualname__ = rtype.name.title().replace("_", "")
-    return Empty
-
-
-End = _empty(RecType.END)
-LibxcContext = _empty(RecType.LIBXC_CONTEXT)
-CheckpointEnd = _empty(RecType.CHECKPOINT_END)
+End = empty_body(RecType.END)
+LibxcContext = empty_body(RecType.LIBXC_CONTEXT)
+CheckpointEnd = empty_body(RecType.CHECKPOINT_END)
 
 _DECODERS: Final[dict[int, type]] = {
     RecType.END: End,
