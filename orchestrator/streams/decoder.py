@@ -136,12 +136,16 @@ class StreamDecoder:
     """Turns exactly-sized chunks of a stream into events.
 
     ``start`` fixes the first layer (``None`` detects it from the first 8
-    bytes). After ``LIBXC_CONTEXT`` the libxc layer follows; a stream that
+    bytes); ``records_only`` skips the headers (the COLO back channel has
+    none). After ``LIBXC_CONTEXT`` the libxc layer follows; a stream that
     starts at the libxc layer has no libxl records at all.
     """
 
     def __init__(
-        self, start: Layer | None = None, stream_type: StreamType = StreamType.AUTO
+        self,
+        start: Layer | None = None,
+        stream_type: StreamType = StreamType.AUTO,
+        records_only: bool = False,
     ) -> None:
         self.stream_type = stream_type
         self.offset = 0  # bytes consumed so far
@@ -162,6 +166,13 @@ class StreamDecoder:
             Layer.LIBXL: (Expect.LIBXL_HEADER, libxl.Header.SIZE),
             Layer.LIBXC: (Expect.LIBXC_IMAGE_HEADER, libxc.ImageHeader.SIZE),
         }[start]
+        if records_only:
+            # a bare run of records with no headers: the COLO back channel
+            self.expect = (
+                Expect.LIBXL_RECORD_HEADER if start is Layer.LIBXL else Expect.LIBXC_RECORD_HEADER
+            )
+            self.need = RECORD_HEADER_SIZE
+            self.libxc_started = True
 
     @property
     def done(self) -> bool:

@@ -75,18 +75,29 @@ class _Window:
         return tview[:got]
 
 
-def iter_events(f: Readable, decoder: StreamDecoder, reuse_buffer: bool = True) -> Iterator[Event]:
+def iter_events(
+    f: Readable, decoder: StreamDecoder, reuse_buffer: bool = True, read_ahead: bool = True
+) -> Iterator[Event]:
     """Yield the decoder's events for everything ``f`` holds, ending with StreamEnd.
 
     With ``reuse_buffer`` a record's body is a view into a buffer that later
     reads overwrite, except for the libxl records of a checkpoint, which a
     reader holds until CHECKPOINT_END and so get buffers of their own. Pass
     False to keep every record.
+
+    ``read_ahead=False`` reads exactly one unit at a time and never a byte
+    more: required on an fd shared with another reader (the libxl and libxc
+    layers of one stream are read by different processes).
     """
-    window = _Window(f)
+    window = _Window(f) if read_ahead else None
     while True:
         n = decoder.need
-        view = window.take(n, keep=not reuse_buffer or decoder.in_checkpoint)
+        keep = not reuse_buffer or decoder.in_checkpoint
+        if window is not None:
+            view = window.take(n, keep)
+        else:
+            view = memoryview(bytearray(n))
+            view = view[: readinto_exact(f, view)]
         if len(view) < n:
             yield decoder.eof(len(view))
             return

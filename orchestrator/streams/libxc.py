@@ -34,6 +34,10 @@ SUPPORTED_VERSIONS: Final = (2, 3)
 
 OPTIONAL_RECORD: Final = 0x8000_0000
 
+# sizeof(vcpu_guest_context_t) for a 64-bit PV guest: libxc's restore refuses an
+# X86_PV_VCPU_BASIC record of any other size (xg_sr_restore_x86_pv.c).
+PV_VCPU_CONTEXT_SIZE_64: Final = 5168
+
 # MAX_BATCH_SIZE in xg_save_restore.h: the saver never puts more pfns in one PAGE_DATA.
 MAX_BATCH_SIZE: Final = 1024
 

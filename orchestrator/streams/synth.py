@@ -72,7 +72,8 @@ def _end_of_checkpoint(spec: SynthSpec, n: int) -> Iterator[Chunk]:
     yield libxc.encode(libxc.X86TscInfo(0, 2_000_000, 1_000_000 * n, n))
     if spec.domain_type == libxc.DomainType.X86_PV:
         yield libxc.encode(libxc.SharedInfo(bytes(libxc.PAGE_SIZE)))
-        yield libxc.encode(libxc.X86PvVcpu(libxc.RecType.X86_PV_VCPU_BASIC, 0, bytes(64)))
+        ctx = bytes(libxc.PV_VCPU_CONTEXT_SIZE_64)
+        yield libxc.encode(libxc.X86PvVcpu(libxc.RecType.X86_PV_VCPU_BASIC, 0, ctx))
     else:
         yield libxc.encode(libxc.HvmContext(struct.pack("<II", 0x54524150, n) + bytes(56)))
         yield libxc.encode(

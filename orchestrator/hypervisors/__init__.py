@@ -1,0 +1,1 @@
+"""Hypervisor backends behind one small interface (base.py): sim and xen."""
