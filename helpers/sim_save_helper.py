@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import signal
 import struct
 import sys
@@ -58,7 +57,6 @@ PRECOPY_DIRTY_THRESHOLD = 50
 HVM_PARAM_STORE_PFN, HVM_PARAM_CONSOLE_PFN = 1, 17
 PV_STORE_GFN, PV_CONSOLE_GFN = 0xFEFFC, 0xFEFFF
 IOV_MAX = 1024
-_RUNS = re.compile(rb"[^\x00]+")
 
 
 class Exit(Exception):
@@ -123,9 +121,16 @@ class Channel:
 
 
 def dirty_runs(dirty: bytes | memoryview) -> Iterator[tuple[int, int]]:
-    """[start, end) runs of marked pages, found at C speed."""
-    for m in _RUNS.finditer(dirty):
-        yield m.start(), m.end()
+    """[start, end) runs of marked pages (a mark is the byte 1), found with memchr."""
+    data = bytes(dirty)
+    end = len(data)
+    pos = data.find(1)
+    while pos >= 0:
+        stop = data.find(0, pos)
+        if stop < 0:
+            stop = end
+        yield pos, stop
+        pos = data.find(1, stop)
 
 
 def runs_to_pfns(runs: list[tuple[int, int]]) -> list[int]:
@@ -169,6 +174,10 @@ class Saver:
     recv_fd: int
     hvm: bool
     checkpoint_no: int = 0
+    staging: bytearray = field(default_factory=bytearray)
+
+    def __post_init__(self) -> None:
+        self.memview = memoryview(self.dom.memory)
 
     # -- memory -------------------------------------------------------------------
 
@@ -178,7 +187,7 @@ class Saver:
         Page contents go from guest memory (or the staging copy taken while
         the domain was suspended) to the fd by writev, without a Python copy.
         """
-        mem = memoryview(self.dom.memory) if staged is None else staged
+        mem = self.memview if staged is None else staged
         sent = 0
         batch: list[tuple[int, int]] = []
         count = 0
@@ -216,25 +225,39 @@ class Saver:
             self.chan.progress("Frames", sent, self.dom.pages)
         return sent
 
-    def take_dirty(self) -> list[tuple[int, int]]:
-        """Marked pages, their marks cleared before anyone copies them."""
+    def take_dirty(self, suspended: bool = False) -> list[tuple[int, int]]:
+        """Marked pages, their marks cleared before anyone copies them.
+
+        While the guest runs only the marks taken are cleared, run by run (a
+        mark set meanwhile stays for the next pass); while it is suspended
+        nothing can set one, so the whole map is cleared at once.
+        """
         dirty = self.dom.dirty
         runs = list(dirty_runs(dirty[:]))
-        for a, b in runs:
-            dirty[a:b] = bytes(b - a)
+        if suspended:
+            dirty[:] = bytes(len(dirty))
+        else:
+            for a, b in runs:
+                dirty[a:b] = bytes(b - a)
         return runs
 
     def stage(self, runs: list[tuple[int, int]]) -> memoryview:
-        """Copy pages out of a suspended guest, so sending can follow the resume."""
-        mem = self.dom.memory
+        """Copy pages out of a suspended guest, so sending can follow the resume.
+
+        The staging buffer is kept between checkpoints: allocating and
+        faulting in a fresh one costs more than the copy itself.
+        """
+        mem = self.memview
         total = sum(b - a for a, b in runs) * libxc.PAGE_SIZE
-        buf = bytearray(total)
+        if len(self.staging) < total:
+            self.staging = bytearray(total)
+        buf = memoryview(self.staging)
         off = 0
         for a, b in runs:
             size = (b - a) * libxc.PAGE_SIZE
             buf[off : off + size] = mem[a * libxc.PAGE_SIZE : b * libxc.PAGE_SIZE]
             off += size
-        return memoryview(buf)
+        return buf[:total]
 
     # -- records ------------------------------------------------------------------
 
@@ -256,8 +279,7 @@ class Saver:
             frames = (pages + 511) // 512
             self.write(libxc.encode(libxc.X86PvP2mFrames(0, pages - 1, tuple(range(frames)))))
 
-    def end_of_checkpoint(self) -> None:
-        vcpu = self.dom.read_vcpu() or bytes(64)
+    def end_of_checkpoint(self, vcpu: bytes) -> None:
         n = self.checkpoint_no
         recs = [libxc.encode(libxc.X86TscInfo(0, 2_000_000, n * 1_000_000, n))]
         if self.hvm:
@@ -322,22 +344,30 @@ class Saver:
                         break
                     self.send_pages(self.take_dirty())
                 self.suspend()
-                staged_runs = self.take_dirty()
+                staged_runs = self.take_dirty(suspended=True)
             elif first:
                 self.suspend()
                 self.dom.dirty[:] = bytes(self.dom.pages)
                 staged_runs = [(0, self.dom.pages)]
             else:
                 self.suspend()
-                staged_runs = self.take_dirty()
+                staged_runs = self.take_dirty(suspended=True)
                 if self.stream_type == COLO:
                     staged_runs = merge_runs(staged_runs + self.read_secondary_dirty())
-            if self.stream_type != PLAIN:
+            vcpu = self.dom.read_vcpu() or bytes(64)
+            if self.stream_type == REMUS:
+                # Unlike libxc 4.17, which writes the checkpoint while the guest stays
+                # suspended, copy the dirty pages aside and let the guest resume first:
+                # its pause is the copy, not the network. The stream and the callback
+                # order are the same; only the writes move after postcopy.
                 staged = self.stage(staged_runs)
+                r = self.chan.call("postcopy")
+                if r <= 0:
+                    raise SaveFailed("Save failed", 0, r)
                 self.send_pages(staged_runs, staged)
             else:
                 self.send_pages(staged_runs)
-            self.end_of_checkpoint()
+            self.end_of_checkpoint(vcpu)
             self.checkpoint_no += 1
             if self.stream_type == PLAIN:
                 self.write(libxc.encode(libxc.End()))
@@ -345,9 +375,6 @@ class Saver:
                 return 0
             self.write(encode_record(libxc.RecType.CHECKPOINT))
             if self.stream_type == REMUS:
-                r = self.chan.call("postcopy")
-                if r <= 0:
-                    raise SaveFailed("Save failed", 0, r)
                 r = self.chan.call("checkpoint")
                 if r <= 0:
                     raise SaveFailed("Save failed", 0, r)
@@ -424,6 +451,7 @@ def do_save(chan: Channel, host: Path, argv: list[str]) -> tuple[int, int]:
     finally:
         if logdirty:
             chan.call("switch_qemu_logdirty", domid, 0)
+        saver.memview.release()
         dom.close()
     chan.progress("Complete")
     return rc, err
@@ -577,7 +605,11 @@ def do_restore(chan: Channel, host: Path, argv: list[str]) -> tuple[int, int, in
     want = {PLAIN: StreamType.PLAIN, REMUS: StreamType.REMUS, COLO: StreamType.COLO}.get(
         stream_type, StreamType.AUTO
     )
-    decoder = StreamDecoder(Layer.LIBXC, want)
+    try:  # name file offsets in errors, as `remusctl stream verify` would
+        base = os.lseek(io_fd, 0, os.SEEK_CUR)
+    except OSError:
+        base = 0  # a socket or pipe
+    decoder = StreamDecoder(Layer.LIBXC, want, offset=base)
     try:
         with os.fdopen(os.dup(io_fd), "rb", buffering=0) as f:
             ended = False

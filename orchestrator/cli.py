@@ -6,10 +6,17 @@ Exit statuses: 0 ok, 1 the stream (or operation) is bad, 2 usage or I/O error.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
 import json
+import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from .hypervisors.base import HypervisorError
+from .hypervisors.sim import SimHypervisor
+from .saverestore import SaveRestoreError, restore_domain, save_domain
 from .streams import Layer, StreamDecoder, StreamError, StreamType, libxc
 from .streams.dump import dump_lines
 from .streams.fileio import open_input, verify_file
@@ -70,9 +77,96 @@ def cmd_stream_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hypervisor(args: argparse.Namespace) -> SimHypervisor:
+    return SimHypervisor(Path(args.host) if args.host else None)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *rows]
+    )
+
+
+def cmd_domain_create(args: argparse.Namespace) -> int:
+    info = _hypervisor(args).create_domain(args.name, args.memory, dirty_rate=args.dirty_rate)
+    print(f"domain {info.name} (domid {info.domid}) running; service at {info.address}")
+    return 0
+
+
+def cmd_domain_list(args: argparse.Namespace) -> int:
+    domains = _hypervisor(args).list_domains()
+    if args.json:
+        print(json.dumps([dataclasses.asdict(d) for d in domains], indent=2))
+        return 0
+    rows = [
+        [
+            d.name,
+            str(d.domid),
+            d.state + (f" ({d.shutdown_reason})" if d.shutdown_reason else ""),
+            str(d.memory_bytes >> 20),
+            d.domain_type,
+            d.address,
+            d.uuid,
+        ]
+        for d in domains
+    ]
+    print(_table(rows, ["NAME", "ID", "STATE", "MEM(MiB)", "TYPE", "SERVICE", "UUID"]))
+    return 0
+
+
+def cmd_domain_destroy(args: argparse.Namespace) -> int:
+    hv = _hypervisor(args)
+    hv.destroy(hv.lookup(args.name).domid)
+    return 0
+
+
+def cmd_save(args: argparse.Namespace) -> int:
+    hv = _hypervisor(args)
+    report = asyncio.run(save_domain(hv, args.name, Path(args.file), keep_running=args.keep))
+    print(f"saved {args.name} to {report.path}: {report.bytes} bytes")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    hv = _hypervisor(args)
+    info = asyncio.run(restore_domain(hv, Path(args.file), args.name))
+    print(f"restored {info.name} (domid {info.domid}) on {hv.host}; service at {info.address}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="remusctl", description=__doc__)
+    p.add_argument(
+        "--host",
+        help="simulated host directory (default: $REMUS_SIM_HOST, else a per-user default)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
+
+    dom = sub.add_parser("domain", help="create, list and destroy domains")
+    dsub = dom.add_subparsers(dest="domain_command", required=True)
+    c = dsub.add_parser("create", help="create a domain running the guest key-value service")
+    c.add_argument("name")
+    c.add_argument("--memory", type=int, default=128, help="MiB (default 128)")
+    c.add_argument("--dirty-rate", type=int, default=0, help="pages the guest dirties per second")
+    c.set_defaults(func=cmd_domain_create)
+    ls = dsub.add_parser("list", help="list domains")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_domain_list)
+    ds = dsub.add_parser("destroy", help="destroy a domain")
+    ds.add_argument("name")
+    ds.set_defaults(func=cmd_domain_destroy)
+
+    sv = sub.add_parser("save", help="save a domain to an xl-format file (as `xl save`)")
+    sv.add_argument("name")
+    sv.add_argument("file")
+    sv.add_argument("-c", dest="keep", action="store_true", help="leave the domain running")
+    sv.set_defaults(func=cmd_save)
+    rs = sub.add_parser("restore", help="restore a domain from an xl-format file")
+    rs.add_argument("file")
+    rs.add_argument("--name", help="restore under another name")
+    rs.set_defaults(func=cmd_restore)
 
     stream = sub.add_parser("stream", help="check, print or generate Xen migration streams")
     ssub = stream.add_subparsers(dest="stream_command", required=True)
@@ -115,8 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="remusctl: %(message)s")
     try:
         rc: int = args.func(args)
+    except (HypervisorError, SaveRestoreError) as exc:
+        print(f"remusctl: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"remusctl: {exc}", file=sys.stderr)
         return 2

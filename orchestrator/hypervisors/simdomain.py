@@ -7,7 +7,8 @@ state directory::
 
     <host>/domains/<domid>/
         config.json   name, uuid, type (pv/hvm), memory pages: fixed at creation
-        state.json    run state and shutdown reason: replaced atomically
+        state         run state and shutdown reason: two u32 codes in one aligned
+                      8-byte word, shared with mmap (the domain's "hypervisor page")
         memory        guest memory, 4 KiB pages, shared with mmap
         dirty         log-dirty map: one byte per page (1 = dirtied)
         vcpu          vCPU context blob
@@ -21,11 +22,12 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import struct
 import uuid as uuidlib
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 PAGE_SIZE: Final = 4096
 DEFAULT_MEMORY_MIB: Final = 128
@@ -70,19 +72,23 @@ class DomainConfig:
         return self.pages * PAGE_SIZE
 
 
+_STATES: Final = list(RunState)
+_REASONS: Final = list(ShutdownReason)
+_STATE_WORD: Final = struct.Struct("<II")
+
+
 @dataclass(frozen=True)
 class DomainState:
     state: RunState
     reason: ShutdownReason = ShutdownReason.NONE
-    # A suspend request pending for the guest, as control/shutdown = "suspend" in xenstore
-    control: str = ""
 
-    def to_json(self) -> dict[str, Any]:
-        return {"state": self.state.value, "reason": self.reason.value, "control": self.control}
+    def pack(self) -> bytes:
+        return _STATE_WORD.pack(_STATES.index(self.state), _REASONS.index(self.reason))
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> DomainState:
-        return cls(RunState(d["state"]), ShutdownReason(d.get("reason", "")), d.get("control", ""))
+    def unpack(cls, raw: bytes) -> DomainState:
+        s, r = _STATE_WORD.unpack(raw)
+        return cls(_STATES[s], _REASONS[r])
 
 
 class NoSuchDomain(LookupError):
@@ -100,20 +106,27 @@ class SimDomain:
         self.config = DomainConfig(**json.loads(cfg.read_text()))
         self._memory: mmap.mmap | None = None
         self._dirty: mmap.mmap | None = None
+        self._state: mmap.mmap | None = None
 
     @classmethod
     def create(
-        cls, host: Path, domid: int, name: str, pages: int, domain_type: str = "pv"
+        cls,
+        host: Path,
+        domid: int,
+        name: str,
+        pages: int,
+        domain_type: str = "pv",
+        uuid: str | None = None,
     ) -> SimDomain:
         path = host / "domains" / str(domid)
         path.mkdir(parents=True, exist_ok=False)
-        config = DomainConfig(name, str(uuidlib.uuid4()), domid, domain_type, pages)
+        config = DomainConfig(name, uuid or str(uuidlib.uuid4()), domid, domain_type, pages)
         with open(path / "memory", "wb") as f:
             f.truncate(config.memory_bytes)
         with open(path / "dirty", "wb") as f:
             f.truncate(pages)
         (path / "vcpu").write_bytes(b"")
-        _atomic_write(path / "state.json", json.dumps(DomainState(RunState.PAUSED).to_json()))
+        (path / "state").write_bytes(DomainState(RunState.PAUSED).pack())
         _atomic_write(path / "config.json", json.dumps(asdict(config)))
         return cls(path)
 
@@ -139,11 +152,19 @@ class SimDomain:
                 self._dirty = mmap.mmap(f.fileno(), self.config.pages)
         return self._dirty
 
+    @property
+    def _state_map(self) -> mmap.mmap:
+        if self._state is None:
+            with open(self.path / "state", "r+b") as f:
+                self._state = mmap.mmap(f.fileno(), _STATE_WORD.size)
+        return self._state
+
     def read_state(self) -> DomainState:
-        return DomainState.from_json(json.loads((self.path / "state.json").read_text()))
+        # one 8-byte aligned load: a writer in another process is seen whole or not at all
+        return DomainState.unpack(self._state_map[:8])
 
     def write_state(self, state: DomainState) -> None:
-        _atomic_write(self.path / "state.json", json.dumps(state.to_json()))
+        self._state_map[:8] = state.pack()
 
     def read_vcpu(self) -> bytes:
         return (self.path / "vcpu").read_bytes()
@@ -152,10 +173,10 @@ class SimDomain:
         _atomic_write(self.path / "vcpu", blob)
 
     def close(self) -> None:
-        for m in (self._memory, self._dirty):
+        for m in (self._memory, self._dirty, self._state):
             if m is not None:
                 m.close()
-        self._memory = self._dirty = None
+        self._memory = self._dirty = self._state = None
 
 
 def domain_path(host: Path, domid: int) -> Path:

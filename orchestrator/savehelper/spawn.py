@@ -169,16 +169,16 @@ async def spawn_helper(
     The message pipes are raw fds of ours (not asyncio streams) so that the
     session can answer a callback in the same event-loop turn that read it.
     """
-    path = helper or find_helper(env)
+    child_env = dict(os.environ if env is None else env)
+    if extra_env:
+        child_env.update(extra_env)
+    path = helper or find_helper(child_env)
     owned: list[int] = []
     io_fd = _child_fd(stream_fd, owned)
     bk_fd = _child_fd(back_fd, owned)
     argv = list(argv_for(path, mode, io_fd, bk_fd, args))
     replies_r, replies_w = os.pipe()
     messages_r, messages_w = os.pipe()
-    child_env = dict(os.environ if env is None else env)
-    if extra_env:
-        child_env.update(extra_env)
     try:
         process = await asyncio.create_subprocess_exec(
             *argv,

@@ -146,9 +146,10 @@ class StreamDecoder:
         start: Layer | None = None,
         stream_type: StreamType = StreamType.AUTO,
         records_only: bool = False,
+        offset: int = 0,
     ) -> None:
         self.stream_type = stream_type
-        self.offset = 0  # bytes consumed so far
+        self.offset = offset  # stream offset of the next byte (non-zero: joined mid-stream)
         self.has_libxl = start in (Layer.XL, Layer.LIBXL)
         self.libxc_started = False
         self.in_checkpoint = False  # between libxc CHECKPOINT and libxl CHECKPOINT_END
@@ -225,6 +226,17 @@ class StreamDecoder:
             return StreamEnd(self.offset, EndKind.CHECKPOINT_BOUNDARY)
         layer, what = self.describe_unit()
         raise StreamTruncated(self._unit_offset, layer, what, self.need, got)
+
+    def skip_libxc(self, offset: int) -> None:
+        """The libxc layer (image header to END) was read by the helper, not us.
+
+        libxl hands the fd to libxc at LIBXC_CONTEXT and takes it back when
+        the helper exits; ``offset`` is where the fd stands then.
+        """
+        if self.expect is not Expect.LIBXC_IMAGE_HEADER:
+            raise ValueError(f"skip_libxc at {self.expect.name}, not after LIBXC_CONTEXT")
+        self.offset = offset
+        self._go(Expect.LIBXL_RECORD_HEADER, RECORD_HEADER_SIZE)
 
     def describe_unit(self) -> tuple[Layer, str]:
         e = self.expect

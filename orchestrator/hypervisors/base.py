@@ -1,0 +1,88 @@
+"""The small interface the protection logic needs from a hypervisor, in Xen's terms.
+
+Backends (``sim.py``, later ``xen.py``) implement it; ``protection/`` never
+imports a backend directly. What only Xen has stays in the Xen backend.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class HypervisorError(Exception):
+    """A backend operation that failed; the message says what and on which domain."""
+
+
+class DomainNotFound(HypervisorError):
+    pass
+
+
+class NotRunning(HypervisorError):
+    """The operation needs a running domain (e.g. suspend of a paused one)."""
+
+
+class SuspendTimeout(HypervisorError):
+    pass
+
+
+@dataclass(frozen=True)
+class DomainInfo:
+    domid: int
+    name: str
+    uuid: str
+    domain_type: str  # "pv", "pvh" or "hvm"
+    memory_bytes: int
+    state: str  # running, paused, shutdown, dying
+    shutdown_reason: str = ""
+    # libxl's domain configuration as JSON (what `xl list -l` prints and an
+    # xl savefile header carries)
+    config: dict[str, Any] = field(default_factory=dict)
+    address: str = ""  # where the guest's service listens, if the backend knows
+
+
+class Hypervisor(abc.ABC):
+    """One host's hypervisor."""
+
+    name: str = "base"
+
+    @abc.abstractmethod
+    def list_domains(self) -> list[DomainInfo]: ...
+
+    @abc.abstractmethod
+    def lookup(self, name_or_domid: str | int) -> DomainInfo:
+        """By name, or by domid when given an int or a string of digits."""
+
+    @abc.abstractmethod
+    async def suspend(self, domid: int, timeout: float = 60.0) -> None:
+        """Ask the guest to suspend and wait until it is shut down with reason suspend."""
+
+    @abc.abstractmethod
+    async def resume(self, domid: int) -> None:
+        """Fast resume (suspend cancelled): the same guest carries on."""
+
+    @abc.abstractmethod
+    def pause(self, domid: int) -> None: ...
+
+    @abc.abstractmethod
+    def unpause(self, domid: int) -> None: ...
+
+    @abc.abstractmethod
+    def destroy(self, domid: int) -> None: ...
+
+    @abc.abstractmethod
+    async def switch_logdirty(self, domid: int, enable: bool) -> None:
+        """The device model's log-dirty mode (HVM); a no-op where there is none."""
+
+    @abc.abstractmethod
+    def create_restore_target(self, config: dict[str, Any], name: str) -> DomainInfo:
+        """An empty, paused domain for an incoming stream."""
+
+    @abc.abstractmethod
+    async def finish_restore(self, domid: int) -> DomainInfo:
+        """Start the restored domain from the last checkpoint applied to it."""
+
+    @abc.abstractmethod
+    def helper_env(self) -> dict[str, str]:
+        """Environment for libxl-save-helper (which helper, which host)."""

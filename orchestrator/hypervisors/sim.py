@@ -1,0 +1,398 @@
+"""The simulated hypervisor: the embedded default, one per host directory.
+
+A domain is a directory (``simdomain``) plus, while it runs, a guest process
+(``simguest``). Several hosts live side by side on one machine, each with its
+own directory (``--host`` or ``$REMUS_SIM_HOST``), so a primary and a
+secondary can run on one laptop.
+
+What maps to what:
+  pause / unpause    SIGSTOP / SIGCONT of the guest process (vCPUs stop, no cooperation)
+  suspend            cooperative: a request on the domain's event-channel socket, the
+                     guest acknowledges at a safe point and records shutdown(suspend)
+  resume (fast)      the same guest process carries on
+  restore            an empty paused domain is filled by the save helper; finishing
+                     it starts a fresh guest process on the restored memory
+  vif                as root: a network namespace per domain with a veth pair, the
+                     host end named like a vif; otherwise a loopback port
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Final
+
+from .base import (
+    DomainInfo,
+    DomainNotFound,
+    Hypervisor,
+    HypervisorError,
+    NotRunning,
+    SuspendTimeout,
+)
+from .simdomain import (
+    DEFAULT_MEMORY_MIB,
+    PAGE_SIZE,
+    DomainState,
+    NoSuchDomain,
+    RunState,
+    ShutdownReason,
+    SimDomain,
+    default_host_dir,
+    domain_path,
+)
+from .simguest import EVTCHN
+
+GUEST_PORT: Final = 7000
+START_TIMEOUT: Final = 15.0
+
+
+def libxl_config(name: str, uuid: str, domain_type: str, memory_bytes: int) -> dict[str, Any]:
+    """The parts of libxl's domain configuration JSON that a save file carries."""
+    kb = memory_bytes // 1024
+    return {
+        "c_info": {"type": domain_type, "name": name, "uuid": uuid},
+        "b_info": {"max_memkb": kb, "target_memkb": kb, "max_vcpus": 1},
+    }
+
+
+def have_netns() -> bool:
+    return os.geteuid() == 0 and shutil.which("ip") is not None
+
+
+class SimHypervisor(Hypervisor):
+    name = "sim"
+
+    def __init__(self, host: Path | None = None, use_netns: bool | None = None) -> None:
+        self.host = Path(host) if host is not None else default_host_dir()
+        (self.host / "domains").mkdir(parents=True, exist_ok=True)
+        self.use_netns = have_netns() if use_netns is None else use_netns
+        self.tag = f"{zlib.crc32(str(self.host.resolve()).encode()) & 0xFFFF:04x}"
+        # one event-channel connection per domain, reused while the event loop lives
+        self._evtchn: dict[
+            int, tuple[asyncio.AbstractEventLoop, asyncio.StreamReader, asyncio.StreamWriter]
+        ] = {}
+        self._doms: dict[int, SimDomain] = {}
+
+    # -- bookkeeping ------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.host / "lock", "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
+    def _new_domid(self) -> int:
+        counter = self.host / "next_domid"
+        domid = int(counter.read_text()) if counter.exists() else 1
+        counter.write_text(str(domid + 1))
+        return domid
+
+    def _domain(self, domid: int) -> SimDomain:
+        # cached: a suspend/resume cycle must not re-read files (domids are never reused)
+        dom = self._doms.get(domid)
+        if dom is not None and dom.path.exists():
+            return dom
+        try:
+            dom = self._doms[domid] = SimDomain(domain_path(self.host, domid))
+        except NoSuchDomain:
+            raise DomainNotFound(f"no domain {domid} on simulated host {self.host}") from None
+        return dom
+
+    def _info(self, dom: SimDomain) -> DomainInfo:
+        st = dom.read_state()
+        cfg = dom.config
+        addr_file = dom.path / "address"
+        address = addr_file.read_text().strip() if addr_file.exists() else ""
+        state = st.state.value
+        if st.state is RunState.RUNNING and not self._guest_alive(dom):
+            state = RunState.SHUTDOWN.value  # the guest process is gone: it crashed
+        return DomainInfo(
+            cfg.domid,
+            cfg.name,
+            cfg.uuid,
+            cfg.domain_type,
+            cfg.memory_bytes,
+            state,
+            st.reason.value,
+            libxl_config(cfg.name, cfg.uuid, cfg.domain_type, cfg.memory_bytes),
+            address,
+        )
+
+    def list_domains(self) -> list[DomainInfo]:
+        out = []
+        for path in sorted((self.host / "domains").iterdir(), key=lambda p: int(p.name)):
+            with contextlib.suppress(NoSuchDomain, FileNotFoundError):
+                dom = SimDomain(path)
+                out.append(self._info(dom))
+        return out
+
+    def lookup(self, name_or_domid: str | int) -> DomainInfo:
+        for info in self.list_domains():
+            if str(name_or_domid) in (info.name, str(info.domid)):
+                return info
+        raise DomainNotFound(f"no domain {name_or_domid!r} on simulated host {self.host}")
+
+    # -- life cycle --------------------------------------------------------------
+
+    def create_domain(
+        self,
+        name: str,
+        memory_mib: int = DEFAULT_MEMORY_MIB,
+        domain_type: str = "pv",
+        dirty_rate: int = 0,
+    ) -> DomainInfo:
+        """`xl create`: a new domain with a fresh guest service."""
+        dom = self._allocate(name, memory_mib * (1 << 20) // PAGE_SIZE, domain_type)
+        try:
+            self._start_guest(dom, dirty_rate)
+        except BaseException:
+            self.destroy(dom.domid)
+            raise
+        return self._info(dom)
+
+    def _allocate(
+        self, name: str, pages: int, domain_type: str, uuid: str | None = None
+    ) -> SimDomain:
+        if not name or "/" in name:
+            raise HypervisorError(f"bad domain name {name!r}")
+        with self._locked():
+            if any(d.name == name for d in self.list_domains()):
+                raise HypervisorError(f"domain {name!r} already exists on {self.host}")
+            return SimDomain.create(self.host, self._new_domid(), name, pages, domain_type, uuid)
+
+    def create_restore_target(self, config: dict[str, Any], name: str) -> DomainInfo:
+        try:
+            kb = int(config["b_info"]["max_memkb"])
+            dtype = str(config["c_info"].get("type", "pv"))
+            uuid = config["c_info"].get("uuid")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise HypervisorError(f"domain config lacks {exc}: cannot size the domain") from None
+        dom = self._allocate(name, kb * 1024 // PAGE_SIZE, dtype, uuid)
+        return self._info(dom)
+
+    async def finish_restore(self, domid: int) -> DomainInfo:
+        dom = self._domain(domid)
+        (dom.path / "address").unlink(missing_ok=True)
+        await asyncio.to_thread(self._start_guest, dom, 0)
+        return self._info(dom)
+
+    def _netns(self, domid: int) -> tuple[str, str, str, str]:
+        """(namespace, host-side vif, host address, guest address) of a domain."""
+        net = (int(self.tag, 16) % 250) + 1
+        base = (domid % 63) * 4
+        return (
+            f"rsim-{self.tag}-{domid}",
+            f"vif{self.tag}.{domid}"[:15],
+            f"10.213.{net}.{base + 1}",
+            f"10.213.{net}.{base + 2}",
+        )
+
+    def _setup_vif(self, domid: int) -> str:
+        ns, vif, host_ip, guest_ip = self._netns(domid)
+        self._teardown_vif(domid)
+        for cmd in (
+            ["ip", "netns", "add", ns],
+            ["ip", "link", "add", vif, "type", "veth", "peer", "name", "eth0", "netns", ns],
+            ["ip", "addr", "add", f"{host_ip}/30", "dev", vif],
+            ["ip", "link", "set", vif, "up"],
+            ["ip", "-n", ns, "addr", "add", f"{guest_ip}/30", "dev", "eth0"],
+            ["ip", "-n", ns, "link", "set", "eth0", "up"],
+            ["ip", "-n", ns, "link", "set", "lo", "up"],
+        ):
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode:
+                raise HypervisorError(f"{' '.join(cmd)}: {r.stderr.strip()}")
+        return ns
+
+    def _teardown_vif(self, domid: int) -> None:
+        ns, vif, _, _ = self._netns(domid)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", vif], capture_output=True)
+
+    def _start_guest(self, dom: SimDomain, dirty_rate: int) -> None:
+        cmd = [sys.executable, "-m", "orchestrator.hypervisors.simguest", str(dom.path)]
+        if dirty_rate:
+            cmd += ["--dirty-rate", str(dirty_rate)]
+        if self.use_netns:
+            ns = self._setup_vif(dom.domid)
+            cmd = [
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                *cmd,
+                "--listen",
+                f"{self._netns(dom.domid)[3]}:{GUEST_PORT}",
+            ]
+        with open(dom.path / "guest.log", "ab") as log:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                env={**os.environ, "PYTHONPATH": _package_root()},
+            )
+        (dom.path / "guest.pid").write_text(str(proc.pid))
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                tail = (dom.path / "guest.log").read_text(errors="replace")[-400:]
+                raise HypervisorError(f"guest of domain {dom.domid} exited at start: {tail}")
+            if (dom.path / "address").exists() and dom.read_state().state is RunState.RUNNING:
+                return
+            time.sleep(0.02)
+        proc.kill()
+        raise HypervisorError(f"guest of domain {dom.domid} did not start in {START_TIMEOUT} s")
+
+    def _guest_pid(self, dom: SimDomain) -> int | None:
+        pid_file = dom.path / "guest.pid"
+        return int(pid_file.read_text()) if pid_file.exists() else None
+
+    def _guest_alive(self, dom: SimDomain) -> bool:
+        pid = self._guest_pid(dom)
+        if pid is None:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        # a zombie of ours counts as dead
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return False
+        return True
+
+    def _signal(self, dom: SimDomain, sig: signal.Signals) -> None:
+        pid = self._guest_pid(dom)
+        if pid is None or not self._guest_alive(dom):
+            raise NotRunning(f"domain {dom.domid} ({dom.config.name}) has no running guest")
+        os.killpg(pid, sig)
+
+    def pause(self, domid: int) -> None:
+        dom = self._domain(domid)
+        self._signal(dom, signal.SIGSTOP)
+        st = dom.read_state()
+        if st.state is RunState.RUNNING:
+            dom.write_state(DomainState(RunState.PAUSED))
+
+    def unpause(self, domid: int) -> None:
+        dom = self._domain(domid)
+        self._signal(dom, signal.SIGCONT)
+        if dom.read_state().state is RunState.PAUSED:
+            dom.write_state(DomainState(RunState.RUNNING))
+
+    def destroy(self, domid: int) -> None:
+        dom = self._domain(domid)
+        dom.write_state(DomainState(RunState.DYING))
+        self._drop_evtchn(domid)
+        pid = self._guest_pid(dom)
+        if pid is not None and self._guest_alive(dom):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            while self._guest_alive(dom) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        if self.use_netns:
+            self._teardown_vif(domid)
+        dom.close()
+        self._doms.pop(domid, None)
+        shutil.rmtree(dom.path, ignore_errors=True)
+
+    # -- suspend / resume ----------------------------------------------------------
+
+    async def _request(self, domid: int, req: bytes, timeout: float) -> bytes:
+        dom = self._domain(domid)
+        loop = asyncio.get_running_loop()
+        conn = self._evtchn.get(domid)
+        if conn is None or conn[0] is not loop or conn[2].is_closing():
+            self._drop_evtchn(domid)
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(str(dom.path / EVTCHN)), timeout
+            )
+            self._evtchn[domid] = (loop, reader, writer)
+        else:
+            _, reader, writer = conn
+        writer.write(req)
+        try:
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.readexactly(1), timeout)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            self._drop_evtchn(domid)
+            raise NotRunning(f"domain {domid}: the guest closed its event channel") from None
+        except TimeoutError:
+            self._drop_evtchn(domid)
+            raise
+        return answer
+
+    def _drop_evtchn(self, domid: int) -> None:
+        conn = self._evtchn.pop(domid, None)
+        if conn is not None and not conn[0].is_closed():
+            conn[2].close()
+
+    async def suspend(self, domid: int, timeout: float = 60.0) -> None:
+        dom = self._domain(domid)
+        st = dom.read_state()
+        if st.state is not RunState.RUNNING:
+            raise NotRunning(
+                f"cannot suspend domain {domid} ({dom.config.name}): it is {st.state.value}"
+                + (f" ({st.reason.value})" if st.reason.value else "")
+            )
+        try:
+            answer = await self._request(domid, b"S", timeout)
+        except TimeoutError:
+            raise SuspendTimeout(
+                f"domain {domid} ({dom.config.name}) did not acknowledge the suspend "
+                f"request within {timeout:g} s"
+            ) from None
+        st = dom.read_state()
+        if answer != b"s" or (st.state, st.reason) != (RunState.SHUTDOWN, ShutdownReason.SUSPEND):
+            raise HypervisorError(f"domain {domid} answered {answer!r} and is {st.state.value}")
+
+    async def resume(self, domid: int) -> None:
+        dom = self._domain(domid)
+        st = dom.read_state()
+        if (st.state, st.reason) != (RunState.SHUTDOWN, ShutdownReason.SUSPEND):
+            raise NotRunning(f"cannot resume domain {domid}: it is {st.state.value}, not suspended")
+        if await self._request(domid, b"R", 10.0) != b"r":
+            raise HypervisorError(f"domain {domid} did not resume")
+
+    async def switch_logdirty(self, domid: int, enable: bool) -> None:
+        # no device model: the simulated guest marks its own pages
+        self._domain(domid)
+
+    def helper_env(self) -> dict[str, str]:
+        helper = os.environ.get("LIBXL_SAVE_HELPER") or _sim_helper()
+        return {"LIBXL_SAVE_HELPER": helper, "REMUS_SIM_HOST": str(self.host)}
+
+    def read_config(self, domid: int) -> dict[str, Any]:
+        return self._info(self._domain(domid)).config
+
+    def describe(self) -> str:
+        return json.dumps({"backend": self.name, "host": str(self.host), "netns": self.use_netns})
+
+
+def _sim_helper() -> str:
+    beside = Path(sys.executable).parent / "remus-sim-save-helper"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("remus-sim-save-helper")
+    if found:
+        return found
+    raise HypervisorError("remus-sim-save-helper is not installed (./dev setup installs it)")
+
+
+def _package_root() -> str:
+    return str(Path(__file__).resolve().parents[2])
