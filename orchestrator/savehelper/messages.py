@@ -242,6 +242,12 @@ class ParentCodec:
         self._buf = bytearray()
         self.pending: Message | None = None
         self.last_frame = b""  # the raw bytes of the last message, for logs and tests
+        # argument-less frames (the callbacks of the checkpoint loop) decoded once
+        self._bare = {
+            _U16.pack(2) + _U16.pack(n): Message(s.name, n, (), s.reply)
+            for n, s in enumerate(table, 1)
+            if not s.args
+        }
 
     def receive_data(self, data: bytes) -> None:
         self._buf += data
@@ -256,6 +262,13 @@ class ParentCodec:
             return None
         if len(self._buf) < 2:
             return None
+        bare = self._bare.get(bytes(self._buf[:4]))
+        if bare is not None:
+            self.last_frame = bytes(self._buf[:4])
+            del self._buf[:4]
+            if bare.needs_reply:
+                self.pending = bare
+            return bare
         (n,) = _U16.unpack_from(self._buf)
         if len(self._buf) < 2 + n:
             return None

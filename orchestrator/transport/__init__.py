@@ -1,0 +1,1 @@
+"""Channels between the two orchestrators: stream, back channel, control."""

@@ -1,0 +1,122 @@
+"""The control-channel codec: round trips, the transition table, bad input."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from orchestrator.transport.control import (
+    TRANSITIONS,
+    Ack,
+    ControlConnection,
+    ControlError,
+    Failover,
+    Heartbeat,
+    Hello,
+    Shutdown,
+    State,
+    Stats,
+    encode_event,
+)
+
+HELLO = Hello("web@hostA", {"c_info": {"name": "web"}}, ("ack-digest", "netbuf-nfqueue"))
+
+
+def established() -> ControlConnection:
+    c = ControlConnection()
+    c.receive_data(encode_event(HELLO))
+    assert c.next_event() == HELLO
+    return c
+
+
+@given(
+    st.one_of(
+        st.builds(Ack, st.integers(0, 2**64 - 1), st.binary(min_size=32, max_size=32)),
+        st.builds(Heartbeat, st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1)),
+        st.builds(Failover, st.text()),
+        st.builds(Stats, st.dictionaries(st.text(), st.integers())),
+    )
+)
+def test_round_trip_byte_by_byte(event: object) -> None:
+    c = established()
+    wire = encode_event(event)  # type: ignore[arg-type]
+    assert len(wire) % 8 == 0
+    for i in range(len(wire) - 1):
+        c.receive_data(wire[i : i + 1])
+        assert c.next_event() is None
+    c.receive_data(wire[-1:])
+    assert c.next_event() == event
+
+
+def test_ack_layout_is_libxl_record_framing() -> None:
+    wire = encode_event(Ack(7, b"\xaa" * 32))
+    assert struct.unpack_from("<II", wire) == (2, 40)
+    assert struct.unpack_from("<Q", wire, 8) == (7,)
+    assert len(wire) == 48
+
+
+def test_shutdown_closes_and_nothing_after_is_processed() -> None:
+    c = established()
+    c.receive_data(encode_event(Shutdown("unprotect")) + encode_event(Heartbeat(1, 2)))
+    assert c.next_event() == Shutdown("unprotect")
+    assert c.state is State.CLOSED and c.next_event() is None
+
+
+def test_ack_before_hello_is_refused() -> None:
+    c = ControlConnection()
+    c.receive_data(encode_event(Ack(1, bytes(32))))
+    with pytest.raises(ControlError, match="offset 0: ACK: not allowed in state await-hello"):
+        c.next_event()
+    assert c.state is State.CLOSED
+
+
+def test_wrong_version_hello() -> None:
+    c = ControlConnection()
+    c.receive_data(encode_event(Hello("x", version=99)))
+    with pytest.raises(ControlError, match="peer speaks control protocol version 99, we speak 1"):
+        c.next_event()
+    assert c.peer is None
+
+
+@pytest.mark.parametrize(
+    ("garbage", "message"),
+    [
+        (struct.pack("<II", 42, 0), "type 42: unknown frame type"),
+        (struct.pack("<II", 2, 3) + b"abc" + bytes(5), "ACK body of 3 bytes"),
+        (struct.pack("<II", 3, 16) + bytes(16) + b"", None),  # a valid heartbeat
+        (struct.pack("<II", 6, 2) + b"[]" + bytes(6), "STATS is not an object"),
+        (struct.pack("<II", 4, 1) + b"\xff" + bytes(7), "FAILOVER"),
+        (struct.pack("<II", 3, 1 << 30), "exceeds"),
+        (struct.pack("<II", 4, 1) + b"a" + b"\x01" + bytes(6), "non-zero padding"),
+    ],
+)
+def test_garbage_after_hello(garbage: bytes, message: str | None) -> None:
+    c = established()
+    offset = len(encode_event(HELLO))
+    c.receive_data(garbage)
+    if message is None:
+        assert isinstance(c.next_event(), Heartbeat)
+        return
+    with pytest.raises(ControlError, match=message) as info:
+        c.next_event()
+    assert info.value.offset == offset
+
+
+def test_every_row_and_every_missing_row() -> None:
+    samples = [HELLO, Ack(1, bytes(32)), Heartbeat(1, 1), Failover("x"), Shutdown("x"), Stats({})]
+    for state in State:
+        for ev in samples:
+            c = ControlConnection()
+            c.state = state
+            c.receive_data(encode_event(ev))
+            row = TRANSITIONS.get((state, type(ev)))
+            if state is State.CLOSED:
+                assert c.next_event() is None
+            elif row is None:
+                with pytest.raises(ControlError, match="not allowed"):
+                    c.next_event()
+            else:
+                assert c.next_event() == ev and c.state is row
