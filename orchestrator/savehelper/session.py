@@ -225,11 +225,17 @@ class HelperSession:
             stderr_task = asyncio.create_task(self._drain_stderr())
             try:
                 await self._pump()
+            except BaseException:
+                # cancelled or failed here: a helper left blocked on a reply would hold
+                # the stream fd forever (libxl's helper_failed kills it too)
+                self._kill()
+                await asyncio.shield(proc.wait())
+                raise
             finally:
                 if self._failure is not None and proc.returncode is None:
                     self._kill()
-                status = await proc.wait()
-                await stderr_task
+            status = await proc.wait()
+            await stderr_task
             self.result.exit_status = status
             return self._conclude(status)
         finally:

@@ -1,0 +1,1 @@
+"""Protection drivers: Remus (and later COLO), primary and secondary."""
