@@ -10,12 +10,18 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from .demo import main as demo_main
 from .hypervisors.base import HypervisorError
 from .hypervisors.sim import SimHypervisor
+from .protection.remus import RemusSettings, Unprotected
+from .protection.runner import run_primary, run_secondary
 from .saverestore import SaveRestoreError, restore_domain, save_domain
 from .streams import Layer, StreamDecoder, StreamError, StreamType, libxc
 from .streams.dump import dump_lines
@@ -136,6 +142,109 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings(args: argparse.Namespace) -> RemusSettings:
+    return RemusSettings(interval=args.interval / 1000.0)
+
+
+def cmd_protect(args: argparse.Namespace) -> int:
+    unsafe = [flag for flag, on in (("-b", args.b), ("-n", args.n), ("-d", args.d)) if on]
+    if unsafe and not args.F:
+        print(
+            f"remusctl: {' '.join(unsafe)} requires -F (allow unsafe), as with xl remus",
+            file=sys.stderr,
+        )
+        return 2
+    if args.n:
+        print(
+            "remusctl: WARNING: -n: network output is not buffered: a reply can reach a "
+            "client before its state is on the secondary, and be lost on failover",
+            file=sys.stderr,
+        )
+    if args.d:
+        print(
+            "remusctl: WARNING: -d: disk replication off (simulated domains have no disks yet)",
+            file=sys.stderr,
+        )
+    if args.b:
+        print("remusctl: -b (replicate to /dev/null) is not supported yet", file=sys.stderr)
+        return 2
+    hv = _hypervisor(args)
+    status = asyncio.run(run_primary(hv, args.name, args.to, _settings(args), not args.n))
+    print(
+        f"replication of {args.name} ended after {status.checkpoints} checkpoints: "
+        f"{status.reason or 'stopped'}; the domain runs on here"
+    )
+    return 0
+
+
+def cmd_receive(args: argparse.Namespace) -> int:
+    hv = _hypervisor(args)
+    try:
+        info = asyncio.run(run_secondary(hv, args.listen, _settings(args)))
+    except Unprotected as exc:
+        print(f"replication ended by the primary ({exc}); the secondary copy was dropped")
+        return 0
+    print(
+        f"FAILOVER: {info.name} (domid {info.domid}) runs on {hv.host} from the last complete "
+        f"checkpoint; service at {info.address}",
+        flush=True,
+    )
+    return 0
+
+
+def _statuses(args: argparse.Namespace) -> list[dict[str, Any]]:
+    d = _hypervisor(args).host / "remus"
+    out = [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] if d.exists() else []
+    return [s for s in out if not getattr(args, "name", None) or s["name"] == args.name]
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    rows = _statuses(args)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    cols = [
+        "name",
+        "role",
+        "state",
+        "checkpoints",
+        "last_checkpoint_age",
+        "pause_ms_p50",
+        "ack_lag_ms_p50",
+        "held_packets",
+        "reason",
+    ]
+    print(_table([[str(r.get(c, "")) for c in cols] for r in rows], [c.upper() for c in cols]))
+    return 0
+
+
+def _signal_protection(args: argparse.Namespace, role: str, sig: int) -> dict[str, Any]:
+    for st in _statuses(args):
+        if st["role"] == role and st["state"] not in ("stopped", "failed-over"):
+            os.kill(int(st["pid"]), sig)
+            return st
+    raise HypervisorError(f"no running {role} protection of {args.name!r} on this host")
+
+
+def cmd_failover(args: argparse.Namespace) -> int:
+    for st in _statuses(args):
+        age = st.get("last_heartbeat_age")
+        if st["role"] == "secondary" and age is not None and age < 1.0 and not args.force:
+            print(
+                f"remusctl: the primary of {args.name} was heard {age} s ago: refusing "
+                "(two copies would run); use --force if it is really gone",
+                file=sys.stderr,
+            )
+            return 1
+    _signal_protection(args, "secondary", signal.SIGUSR1)
+    return 0
+
+
+def cmd_unprotect(args: argparse.Namespace) -> int:
+    _signal_protection(args, "primary", signal.SIGTERM)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="remusctl", description=__doc__)
     p.add_argument(
@@ -167,6 +276,42 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("file")
     rs.add_argument("--name", help="restore under another name")
     rs.set_defaults(func=cmd_restore)
+
+    pr = sub.add_parser("protect", help="replicate a domain to a secondary (Remus)")
+    pr.add_argument("name")
+    pr.add_argument("--to", required=True, help="HOST[:PORT] of `remusctl receive`")
+    pr.add_argument(
+        "-i",
+        dest="interval",
+        type=float,
+        default=200.0,
+        help="checkpoint interval in ms (default 200)",
+    )
+    for flag, text in (
+        ("-b", "replicate to /dev/null"),
+        ("-n", "no network buffering"),
+        ("-d", "no disk replication"),
+        ("-F", "allow unsafe"),
+    ):
+        pr.add_argument(flag, action="store_true", help=text)
+    pr.set_defaults(func=cmd_protect)
+    rc = sub.add_parser("receive", help="be the secondary of one protection")
+    rc.add_argument("--listen", default="127.0.0.1:8002")
+    rc.add_argument("-i", dest="interval", type=float, default=200.0, help=argparse.SUPPRESS)
+    rc.set_defaults(func=cmd_receive)
+    stt = sub.add_parser("status", help="state of the protections on this host")
+    stt.add_argument("name", nargs="?")
+    stt.add_argument("--json", action="store_true")
+    stt.set_defaults(func=cmd_status)
+    fo = sub.add_parser("failover", help="on the secondary: take over now")
+    fo.add_argument("name")
+    fo.add_argument("--force", action="store_true")
+    fo.set_defaults(func=cmd_failover)
+    up = sub.add_parser("unprotect", help="on the primary: end replication")
+    up.add_argument("name")
+    up.set_defaults(func=cmd_unprotect)
+    # `demo` has its own parser: main() hands it the rest of the command line
+    sub.add_parser("demo", help="Remus on one machine, primary killed at random (--help)")
 
     stream = sub.add_parser("stream", help="check, print or generate Xen migration streams")
     ssub = stream.add_subparsers(dest="stream_command", required=True)
@@ -208,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        return demo_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="remusctl: %(message)s")
     try:

@@ -1,73 +1,271 @@
-"""The main job on the embedded default (`./dev demo`).
+"""`remusctl demo`: Remus on one machine, with the primary killed at a random moment.
 
-Until the Remus protection demo lands, this shows what the product stands
-on, with real processes: a simulated domain whose key-value service keeps
-its data in guest memory is saved through the save-helper boundary (our
-simulated libxl-save-helper, selected with LIBXL_SAVE_HELPER exactly as libxl
-selects Xen's), the file is checked with `remusctl stream verify`, and the
-domain is restored on a second simulated host where its data is still there.
+Two simulated hosts; a domain running the key-value service on the first;
+`remusctl receive` on the second and `remusctl protect` on the first, as
+separate processes; clients writing keys and recording every write the
+service acknowledged. At a random moment the primary host dies (SIGKILL of
+its protection process and of the guest). The secondary fails over from
+the last complete checkpoint, and every acknowledged key is read back from
+it. With network buffering (the default) no acknowledged write is lost:
+the client only sees an OK whose checkpoint the secondary has acknowledged.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
-import io
-import socket
+import contextlib
+import json
+import os
+import random
+import signal
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .hypervisors.sim import SimHypervisor
-from .saverestore import restore_domain, save_domain
-from .streams.fileio import verify_file
-
-KEYS = 2000
 
 
-def talk(address: str, lines: list[bytes]) -> list[bytes]:
+@dataclass
+class DemoReport:
+    interval_ms: float
+    netbuf: bool
+    checkpoints: int = 0
+    pause_ms_p50: float | None = None
+    writes_acknowledged: int = 0
+    write_throughput_per_s: float = 0.0
+    killed_after_s: float = 0.0
+    failover_s: float = 0.0
+    acknowledged_writes_lost: int = 0
+    lost_keys_sample: list[str] = field(default_factory=list)
+
+
+def _started(status_file: Path) -> bool:
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        return bool(json.loads(status_file.read_text())["checkpoints"] >= 2)
+    return False
+
+
+def _remusctl(host: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "orchestrator.cli", "--host", str(host), *args]
+
+
+async def _writer(address: str, prefix: str, acked: dict[str, str], stop: asyncio.Event) -> None:
     host, port = address.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=30) as s, s.makefile("rwb") as f:
-        f.write(b"".join(line + b"\n" for line in lines))
-        f.flush()
-        return [f.readline().rstrip(b"\n") for _ in lines]
+    try:
+        reader, writer = await asyncio.open_connection(host, int(port))
+    except OSError:
+        return
+    n = 0
+    with contextlib.suppress(ConnectionError, OSError):
+        while not stop.is_set():
+            key, value = f"{prefix}-{n}", f"v{n}-{random.randrange(1 << 30)}"
+            writer.write(f"PUT {key} {value}\n".encode())
+            line = await reader.readline()
+            if line != b"OK\n":
+                break
+            acked[key] = value  # only now has the client seen the write succeed
+            n += 1
+    writer.close()
 
 
-def main() -> int:
-    with tempfile.TemporaryDirectory(prefix="remus-demo-") as tmp:
-        primary = SimHypervisor(Path(tmp) / "host-a")
-        secondary = SimHypervisor(Path(tmp) / "host-b")
-        print(f"== two simulated hosts in {tmp} (network namespaces: {primary.use_netns})")
-        info = primary.create_domain("demo-guest", memory_mib=64)
-        print(f"== created {info.name} (domid {info.domid}) on host-a, service at {info.address}")
-        t0 = time.perf_counter()
-        replies = talk(info.address, [b"PUT user%d balance=%d" % (i, i * 7) for i in range(KEYS)])
-        assert set(replies) == {b"OK"}
-        print(f"   wrote {KEYS} keys in {time.perf_counter() - t0:.2f} s")
-        path = Path(tmp) / "demo-guest.xl"
-        t0 = time.perf_counter()
-        report = asyncio.run(save_domain(primary, info.name, path))
-        print(
-            f"== xl-style save through the helper boundary: {report.bytes} bytes in "
-            f"{time.perf_counter() - t0:.2f} s; the domain is gone from host-a "
-            f"({len(primary.list_domains())} domains left)"
+async def _read_all(address: str, keys: list[str]) -> dict[str, str | None]:
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    out: dict[str, str | None] = {}
+    for i in range(0, len(keys), 500):
+        chunk = keys[i : i + 500]
+        writer.write(b"".join(f"GET {k}\n".encode() for k in chunk))
+        for k in chunk:
+            line = (await reader.readline()).decode().rstrip("\n")
+            out[k] = line[6:] if line.startswith("VALUE ") else None
+    writer.close()
+    return out
+
+
+async def run_demo(
+    duration: float,
+    interval_ms: float,
+    netbuf: bool = True,
+    clients: int = 8,
+    progress: bool = True,
+    workdir: Path | None = None,
+) -> DemoReport:
+    tmp = tempfile.TemporaryDirectory(prefix="remus-demo-", dir=workdir)
+    base = Path(tmp.name)
+    host_a, host_b = base / "host-a", base / "host-b"
+    hv_a, hv_b = SimHypervisor(host_a), SimHypervisor(host_b)
+    report = DemoReport(interval_ms, netbuf)
+
+    def say(msg: str) -> None:
+        if progress:
+            print(msg, flush=True)
+
+    procs: list[asyncio.subprocess.Process] = []
+    logs: list[Any] = []
+    try:
+        info = hv_a.create_domain("demo-guest", memory_mib=32)
+        say(f"== domain {info.name} on host-a, service at {info.address}")
+        port = 20000 + random.randrange(20000)
+        recv = await asyncio.create_subprocess_exec(
+            *_remusctl(host_b, "receive", "--listen", f"127.0.0.1:{port}"),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
         )
-        with io.FileIO(path, "rb") as f:
-            print("== remusctl stream verify:")
-            print("   " + verify_file(f).render().replace("\n", "\n   "))
-        t0 = time.perf_counter()
-        restored = asyncio.run(restore_domain(secondary, path, "demo-guest-restored"))
-        print(
-            f"== restored on host-b as {restored.name} in {time.perf_counter() - t0:.2f} s, "
-            f"service at {restored.address}"
+        procs.append(recv)
+        assert recv.stdout is not None
+        first = await asyncio.wait_for(recv.stdout.readline(), 15)
+        say(f"== secondary on host-b: {first.decode().strip()}")
+        flags = [] if netbuf else ["-n", "-F"]
+        prot_log = open(base / "protect.log", "wb")  # noqa: SIM115 - closed in finally
+        logs.append(prot_log)
+        prot = await asyncio.create_subprocess_exec(
+            *_remusctl(
+                host_a,
+                "protect",
+                info.name,
+                "--to",
+                f"127.0.0.1:{port}",
+                "-i",
+                str(interval_ms),
+                *flags,
+            ),
+            stdout=prot_log,
+            stderr=asyncio.subprocess.STDOUT,
         )
-        got = talk(restored.address, [b"GET user%d" % i for i in range(KEYS)] + [b"STATS"])
-        ok = got[:-1] == [b"VALUE balance=%d" % (i * 7) for i in range(KEYS)]
-        print(
-            f"   read back {KEYS} keys: {'all unchanged' if ok else 'MISMATCH'}; {got[-1].decode()}"
+        procs.append(prot)
+        status_file = host_a / "remus" / f"{info.name}.json"
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                if json.loads(status_file.read_text())["checkpoints"] >= 2:
+                    break
+            await asyncio.sleep(0.05)
+            if prot.returncode is not None:
+                break
+        else:
+            prot.kill()
+        if not _started(status_file):
+            prot_log.flush()
+            err = (base / "protect.log").read_text(errors="replace")[-600:]
+            raise RuntimeError(f"replication did not start: {err.strip()}")
+        say(
+            f"== protected (Remus, -i {interval_ms:g} ms, network buffering "
+            f"{'on' if netbuf else 'OFF (-n -F)'}); {clients} clients writing"
         )
-        secondary.destroy(restored.domid)
-        return 0 if ok else 1
+        acked: dict[str, str] = {}
+        stop = asyncio.Event()
+        writers = [
+            asyncio.create_task(_writer(info.address, f"c{i}", acked, stop)) for i in range(clients)
+        ]
+        started = time.monotonic()
+        kill_at = duration * random.uniform(0.5, 1.0)
+        while (elapsed := time.monotonic() - started) < kill_at:
+            await asyncio.sleep(min(0.25, kill_at - elapsed))
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                st = json.loads(status_file.read_text())
+                say(
+                    f"   t={elapsed:4.1f}s checkpoints={st['checkpoints']} "
+                    f"acked writes={len(acked)} held packets={st.get('held_packets')}"
+                )
+        # the primary host dies: its protection process and its guest, at once
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            st = json.loads(status_file.read_text())
+            report.checkpoints = st["checkpoints"]
+            report.pause_ms_p50 = st["pause_ms_p50"]
+        gpid = int((host_a / "domains" / str(info.domid) / "guest.pid").read_text())
+        killed = time.monotonic()
+        prot.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(gpid, signal.SIGKILL)
+        report.killed_after_s = round(killed - started, 3)
+        stop.set()
+        for w in writers:
+            w.cancel()
+        snapshot = dict(acked)
+        report.writes_acknowledged = len(snapshot)
+        report.write_throughput_per_s = round(len(snapshot) / (killed - started), 1)
+        say(
+            f"== primary killed (SIGKILL) after {report.killed_after_s} s with "
+            f"{len(snapshot)} acknowledged writes"
+        )
+        line = b""
+        while b"FAILOVER" not in line:
+            line = await asyncio.wait_for(recv.stdout.readline(), 30)
+            if not line:
+                raise RuntimeError("the secondary exited without failing over")
+        restored = hv_b.lookup(info.name)
+        got = await _read_all(restored.address, list(snapshot))
+        report.failover_s = round(time.monotonic() - killed, 3)
+        lost = [k for k, v in snapshot.items() if got.get(k) != v]
+        report.acknowledged_writes_lost = len(lost)
+        report.lost_keys_sample = lost[:5]
+        say(
+            f"== failover: {info.name} answers on host-b at {restored.address}, "
+            f"{report.failover_s} s after the kill"
+        )
+        return report
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            await p.wait()
+        for f in logs:
+            f.close()
+        for hv in (hv_a, hv_b):
+            for d in hv.list_domains():
+                with contextlib.suppress(Exception):
+                    hv.destroy(d.domid)
+        tmp.cleanup()
+
+
+def render(r: DemoReport) -> str:
+    return "\n".join(
+        [
+            "== report",
+            f"   checkpoints before the kill:  {r.checkpoints} (interval {r.interval_ms:g} ms)",
+            f"   guest pause per checkpoint:   {r.pause_ms_p50} ms (median)",
+            f"   acknowledged writes:          {r.writes_acknowledged} "
+            f"({r.write_throughput_per_s}/s)",
+            f"   failover time:                {r.failover_s} s (kill -> all keys read back)",
+            f"   acknowledged writes lost:     {r.acknowledged_writes_lost}"
+            + ("" if r.netbuf else "   (network buffering was OFF)"),
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="remusctl demo", description=__doc__)
+    ap.add_argument(
+        "--duration", type=float, default=6.0, help="seconds of load (kill in 2nd half)"
+    )
+    ap.add_argument("--interval", type=float, default=100.0, help="checkpoint interval, ms")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument(
+        "-n",
+        dest="no_netbuf",
+        action="store_true",
+        help="no network buffering (shows why it matters)",
+    )
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0 and not args.no_netbuf:
+        print(
+            "remusctl demo: network buffering needs root (network namespaces, NFQUEUE); "
+            "run as root or pass -n",
+            file=sys.stderr,
+        )
+        return 2
+    report = asyncio.run(
+        run_demo(
+            args.duration, args.interval, not args.no_netbuf, args.clients, progress=not args.json
+        )
+    )
+    print(json.dumps(asdict(report), indent=2) if args.json else render(report))
+    return 0 if report.acknowledged_writes_lost == 0 or args.no_netbuf else 1
 
 
 if __name__ == "__main__":

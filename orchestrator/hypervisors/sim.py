@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
+from ..devices.netbuf_nfqueue import remove_stale_rules
 from .base import (
     DomainInfo,
     DomainNotFound,
@@ -199,6 +200,10 @@ class SimHypervisor(Hypervisor):
             f"10.213.{net}.{base + 2}",
         )
 
+    def vif_name(self, domid: int) -> str | None:
+        """The host end of the domain's veth, where its output can be held."""
+        return self._netns(domid)[1] if self.use_netns else None
+
     def _setup_vif(self, domid: int) -> str:
         ns, vif, host_ip, guest_ip = self._netns(domid)
         self._teardown_vif(domid)
@@ -307,6 +312,7 @@ class SimHypervisor(Hypervisor):
                 time.sleep(0.01)
         if self.use_netns:
             self._teardown_vif(domid)
+            remove_stale_rules(self._netns(domid)[1])
         dom.close()
         self._doms.pop(domid, None)
         shutil.rmtree(dom.path, ignore_errors=True)
@@ -319,9 +325,14 @@ class SimHypervisor(Hypervisor):
         conn = self._evtchn.get(domid)
         if conn is None or conn[0] is not loop or conn[2].is_closing():
             self._drop_evtchn(domid)
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(str(dom.path / EVTCHN)), timeout
-            )
+            # through /proc/self/fd: short whatever the host directory's length
+            dirfd = os.open(dom.path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_unix_connection(f"/proc/self/fd/{dirfd}/{EVTCHN}"), timeout
+                )
+            finally:
+                os.close(dirfd)
             self._evtchn[domid] = (loop, reader, writer)
         else:
             _, reader, writer = conn

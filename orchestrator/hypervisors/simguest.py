@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from pathlib import Path
@@ -106,10 +107,12 @@ async def run(domdir: Path, listen: str, dirty_rate: int) -> None:
     guest = Guest(dom, dirty_rate)
     host, _, port = listen.rpartition(":")
     server = await asyncio.start_server(guest.serve_client, host or "0.0.0.0", int(port))
-    sock = domdir / EVTCHN
+    # bound by a relative name: a unix socket path is limited to 107 bytes, and host
+    # directories (a test's tmp_path, say) can be longer than that
+    os.chdir(domdir)
     with contextlib.suppress(FileNotFoundError):
-        sock.unlink()
-    evt = await asyncio.start_unix_server(guest.evtchn, str(sock))
+        os.unlink(EVTCHN)
+    evt = await asyncio.start_unix_server(guest.evtchn, EVTCHN)
     bound = server.sockets[0].getsockname()
     (domdir / "address").write_text(f"{bound[0]}:{bound[1]}\n")
     dom.write_state(DomainState(RunState.RUNNING))

@@ -24,9 +24,11 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..devices.base import CheckpointDevice
 from ..hypervisors.base import DomainInfo, Hypervisor
 from ..savehelper import (
     Callbacks,
@@ -70,6 +72,10 @@ class RemusStatus:
     pause_seconds: list[float] = field(default_factory=list)
     ack_lag_seconds: list[float] = field(default_factory=list)
     reason: str = ""
+
+
+class Unprotected(Exception):
+    """The primary ended replication on purpose: no failover, the copy is dropped."""
 
 
 class Control:
@@ -129,9 +135,12 @@ class RemusPrimary:
         stream: socket.socket,
         control: Control,
         settings: RemusSettings,
+        devices: Sequence[CheckpointDevice] = (),
     ) -> None:
         self.hv, self.domain = hv, domain
         self.stream, self.ctl, self.settings = stream, control, settings
+        self.devices = list(devices)
+        self._epoch = 0
         self.status = RemusStatus()
         self.session: HelperSession | None = None
         self._acks: dict[int, asyncio.Future[Ack]] = {}
@@ -175,9 +184,16 @@ class RemusPrimary:
         self._suspended_at = time.perf_counter()
         await self.hv.suspend(self.domain.domid)
         self._suspended = True
+        # output from now on belongs to the next epoch; what came before is in
+        # the checkpoint being taken, released when its ACK arrives
+        self._epoch += 1
+        for dev in self.devices:
+            await dev.postsuspend(self._epoch)
         return 1
 
     async def _postcopy(self) -> int:
+        for dev in self.devices:
+            await dev.preresume()
         await self.hv.resume(self.domain.domid)
         self._suspended = False
         self.status.pause_seconds.append(time.perf_counter() - self._suspended_at)
@@ -205,7 +221,8 @@ class RemusPrimary:
         self.status.checkpoints = seq
         self.status.last_checkpoint_at = time.time()
         self.status.state = "replicating"
-        # the epoch's output would be released here (devices' commit: issue 6)
+        for dev in self.devices:
+            await dev.commit(seq - 1)  # the output produced before checkpoint seq
         await asyncio.sleep(self.settings.interval)
         return 1
 
@@ -215,6 +232,8 @@ class RemusPrimary:
         await asyncio.to_thread(
             _send_all, self.stream, libxl.Header().encode() + libxl.LIBXC_CONTEXT_RECORD
         )
+        for dev in self.devices:
+            await dev.setup()
         reader = asyncio.create_task(self._control_reader())
         beats = asyncio.create_task(_heartbeats(self.ctl, self.settings.heartbeat_interval))
         dog = asyncio.create_task(self._watchdog())
@@ -224,7 +243,12 @@ class RemusPrimary:
         )
         try:
             args = SaveArgs(self.domain.domid, self.session.cbflags, StreamType.REMUS)
-            await self.session.run(self.stream.fileno(), -1, args, extra_env=self.hv.helper_env())
+            result = await self.session.run(
+                self.stream.fileno(), -1, args, extra_env=self.hv.helper_env()
+            )
+            errors = [r.text for r in result.logs if r.level >= 8]
+            if not self.status.reason and errors:
+                self.status.reason = f"save helper: {errors[0]}"
         except HelperFailed as exc:
             self.status.reason = self.status.reason or str(exc)
         finally:
@@ -233,6 +257,9 @@ class RemusPrimary:
             if self._suspended:  # a failure mid-checkpoint: the guest carries on here
                 with contextlib.suppress(Exception):
                     await self.hv.resume(self.domain.domid)
+            for dev in self.devices:  # replication is over: the guest's output flows again
+                with contextlib.suppress(Exception):
+                    await dev.teardown(release=True)
         self.status.state = "stopped"
         return self.status
 
@@ -252,6 +279,7 @@ class RemusSecondary:
         self.reader = CheckpointReader()
         self.target: DomainInfo | None = None
         self._broken = False
+        self.unprotected = False
 
     def _read_checkpoint_records(self) -> Outcome | CheckpointReady:
         """libxl's records of one checkpoint, up to CHECKPOINT_END (exact reads)."""
@@ -303,11 +331,20 @@ class RemusSecondary:
             await self.ctl.writer.drain()
         return int(CheckpointReply.SUCCESS)
 
+    def force_failover(self) -> None:
+        """`remusctl failover`: take over from the last complete checkpoint now."""
+        self.status.reason = "failover forced by the administrator"
+        self._break_stream()
+
     async def _watch_heartbeats(self) -> None:
         """No word from the primary for heartbeat_timeout: break the stream to fail over."""
         try:
             while True:
-                await self.ctl.next()
+                event = await self.ctl.next()
+                if isinstance(event, Shutdown):
+                    self.unprotected = True
+                    self.status.reason = f"primary ended replication: {event.reason}"
+                    return
         except (ConnectionError, ControlError) as exc:
             self.status.reason = f"control: {exc}"
         finally:
@@ -349,6 +386,8 @@ class RemusSecondary:
             finally:
                 watch.cancel()
                 dog.cancel()
+            if self.unprotected:
+                raise Unprotected(self.status.reason)
             if not result.ok or self.reader.complete == 0:
                 raise RuntimeError(
                     "nothing to fail over to: no complete checkpoint"

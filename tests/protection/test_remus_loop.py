@@ -107,3 +107,102 @@ def test_secondary_death_leaves_the_primary_running(
             await s_task
 
     asyncio.run(go())
+
+
+def _fake_primary_stream(checkpoints: int, cut_in_checkpoint: int | None, where: str) -> bytes:
+    """A Remus stream (libxl layer) as a primary writes it, optionally cut short."""
+    from orchestrator.streams import Layer, StreamType, libxc
+    from orchestrator.streams.synth import SynthSpec, generate
+
+    spec = SynthSpec(
+        domain_type=libxc.DomainType.X86_PV,
+        pages=64,
+        stream_type=StreamType.REMUS,
+        checkpoints=checkpoints,
+        dirty_pages=8,
+        top_layer=Layer.LIBXL,
+    )
+    data = b"".join(bytes(c) for c in generate(spec))
+    if cut_in_checkpoint is None:
+        return data
+    # find the records of checkpoint N: cut inside its first PAGE_DATA ("libxc")
+    # or between its CHECKPOINT and CHECKPOINT_END ("libxl")
+    import io
+
+    from orchestrator.streams import Record, StreamDecoder
+    from orchestrator.streams.fileio import iter_events
+
+    n = 0
+    for ev in iter_events(io.BytesIO(data), StreamDecoder()):
+        if not isinstance(ev, Record):
+            continue
+        if ev.name.startswith("CHECKPOINT_END"):
+            n += 1
+        elif n == cut_in_checkpoint - 1 and where == "libxc" and ev.name.startswith("PAGE_DATA"):
+            return data[: ev.offset + 100]
+        elif n == cut_in_checkpoint - 1 and where == "libxl" and ev.name.startswith("CHECKPOINT "):
+            return data[: ev.offset + 8]
+    raise AssertionError("cut point not found")
+
+
+@pytest.mark.parametrize("where", ["libxc", "libxl"])
+def test_link_cut_mid_checkpoint_fails_over_to_the_previous_one(
+    hosts: tuple[SimHypervisor, SimHypervisor], where: str
+) -> None:
+    from orchestrator.transport.control import Ack, Hello
+
+    _, b = hosts
+    data = _fake_primary_stream(checkpoints=4, cut_in_checkpoint=3, where=where)
+
+    async def go() -> None:
+        s_fake, s_secondary = socket.socketpair()
+        c_fake, c_secondary = await pair()
+        secondary = RemusSecondary(b, s_secondary, c_secondary, SETTINGS, name="cut")
+        task = asyncio.create_task(secondary.run())
+        config = {
+            "c_info": {"name": "cut", "type": "pv", "uuid": "0" * 32},
+            "b_info": {"max_memkb": 1024},
+        }
+        await c_fake.hello(Hello("cut", config), 5)
+        await asyncio.to_thread(s_fake.sendall, data)
+        acks = []
+        while len(acks) < 2:
+            ev = await asyncio.wait_for(c_fake.next(), 10)
+            if isinstance(ev, Ack):
+                acks.append(ev.seq)
+        s_fake.close()  # the link is cut mid-checkpoint
+        c_fake.close()
+        restored = await asyncio.wait_for(task, 20)
+        assert acks == [1, 2] and secondary.status.checkpoints == 2
+        assert restored.state == "running"
+
+    asyncio.run(go())
+
+
+def test_garbage_where_the_libxc_stream_should_start_creates_nothing(
+    hosts: tuple[SimHypervisor, SimHypervisor],
+) -> None:
+    from orchestrator.streams import libxl
+    from orchestrator.transport.control import Hello
+
+    _, b = hosts
+
+    async def go() -> None:
+        s_fake, s_secondary = socket.socketpair()
+        c_fake, c_secondary = await pair()
+        secondary = RemusSecondary(b, s_secondary, c_secondary, SETTINGS, name="bad")
+        task = asyncio.create_task(secondary.run())
+        config = {"c_info": {"name": "bad", "type": "pv"}, "b_info": {"max_memkb": 1024}}
+        await c_fake.hello(Hello("bad", config), 5)
+        # CHECKPOINT_END with no checkpoint, where libxc's image header belongs
+        await asyncio.to_thread(
+            s_fake.sendall,
+            libxl.Header().encode() + libxl.LIBXC_CONTEXT_RECORD + libxl.CHECKPOINT_END_RECORD,
+        )
+        s_fake.close()
+        with pytest.raises(RuntimeError, match=r"no complete checkpoint|restore helper failed"):
+            await asyncio.wait_for(task, 20)
+        c_fake.close()
+
+    asyncio.run(go())
+    assert b.list_domains() == []

@@ -1,0 +1,1 @@
+"""Checkpoint devices: network output buffers and disk buffers."""

@@ -1,0 +1,36 @@
+"""Checkpoint devices: one interface, the hooks libxl's checkpoint devices have.
+
+The Remus primary calls them around each checkpoint (``libxl_remus.c``):
+``postsuspend`` once the guest is suspended (a new output epoch starts),
+``preresume`` before it resumes, and ``commit`` once the secondary has
+acknowledged the checkpoint of an epoch (we commit on the ACK; xl commits as
+soon as CHECKPOINT_END is written).
+"""
+
+from __future__ import annotations
+
+import abc
+
+
+class CheckpointDevice(abc.ABC):
+    name: str = "device"
+
+    @abc.abstractmethod
+    async def setup(self) -> None:
+        """Before the first checkpoint."""
+
+    @abc.abstractmethod
+    async def postsuspend(self, epoch: int) -> None:
+        """The guest is suspended; output from now on belongs to ``epoch``."""
+
+    @abc.abstractmethod
+    async def preresume(self) -> None:
+        """The guest is about to resume."""
+
+    @abc.abstractmethod
+    async def commit(self, epoch: int) -> None:
+        """Checkpoint ``epoch`` is safe on the secondary: release what it covers."""
+
+    @abc.abstractmethod
+    async def teardown(self, release: bool) -> None:
+        """Replication ends; ``release`` lets held output go (the guest runs on here)."""

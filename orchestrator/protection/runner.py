@@ -1,0 +1,146 @@
+"""Running a protection in the foreground (`remusctl protect` / `remusctl receive`).
+
+Until `remusd` owns protections, each side is one process; it publishes its
+status as JSON in ``<host>/remus/<name>.json`` (read by `remusctl status`),
+stops cleanly on SIGTERM (`remusctl unprotect`) and, on the secondary, fails
+over on SIGUSR1 (`remusctl failover`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import statistics
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+from ..devices.base import CheckpointDevice
+from ..devices.netbuf_nfqueue import NfqueueNetbuf
+from ..hypervisors.sim import SimHypervisor
+from ..transport.channels import Listener, connect, parse_addr
+from ..transport.control import Shutdown
+from .remus import RemusPrimary, RemusSecondary, RemusSettings, RemusStatus
+
+
+def status_path(hv: SimHypervisor, name: str) -> Path:
+    d = hv.host / "remus"
+    d.mkdir(exist_ok=True)
+    return d / f"{name}.json"
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def summarize(role: str, name: str, st: RemusStatus, extra: dict[str, Any]) -> dict[str, Any]:
+    pauses = st.pause_seconds[-200:]
+    lags = st.ack_lag_seconds[-200:]
+    return {
+        "name": name,
+        "role": role,
+        "pid": os.getpid(),
+        "state": st.state,
+        "checkpoints": st.checkpoints,
+        "last_checkpoint_age": round(time.time() - st.last_checkpoint_at, 3)
+        if st.last_checkpoint_at
+        else None,
+        "pause_ms_p50": round(statistics.median(pauses) * 1e3, 3) if pauses else None,
+        "ack_lag_ms_p50": round(statistics.median(lags) * 1e3, 3) if lags else None,
+        "reason": st.reason,
+        "updated": time.time(),
+        **extra,
+    }
+
+
+async def _publish(path: Path, make: Any) -> None:
+    while True:
+        _write_json(path, make())
+        await asyncio.sleep(0.2)
+
+
+async def run_primary(
+    hv: SimHypervisor, name: str, to: str, settings: RemusSettings, netbuf: bool
+) -> RemusStatus:
+    info = hv.lookup(name)
+    devices: list[CheckpointDevice] = []
+    netdev: NfqueueNetbuf | None = None
+    if netbuf:
+        vif = hv.vif_name(info.domid)
+        if vif is None:
+            raise RuntimeError(
+                "network buffering needs the guest's vif (simulated domains get one when "
+                "run as root); use -n -F to replicate without it"
+            )
+        netdev = NfqueueNetbuf(vif, 1000 + zlib.crc32(vif.encode()) % 60000)
+        devices.append(netdev)
+    stream, ctl = await connect(to, info.uuid)
+    primary = RemusPrimary(hv, info, stream, ctl, settings, devices)
+    path = status_path(hv, name)
+
+    def make() -> dict[str, Any]:
+        held = netdev.held_packets if netdev else None
+        return summarize("primary", name, primary.status, {"peer": to, "held_packets": held})
+
+    publisher = asyncio.create_task(_publish(path, make))
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    aborts: list[asyncio.Future[None]] = []
+
+    def unprotect() -> None:
+        stopping.set()
+        primary.status.reason = "unprotected"
+        with contextlib.suppress(Exception):
+            ctl.send(Shutdown("unprotect"))
+        if primary.session is not None:
+            aborts.append(asyncio.ensure_future(primary.session.abort()))
+
+    loop.add_signal_handler(signal.SIGTERM, unprotect)
+    try:
+        status = await primary.run()
+    finally:
+        publisher.cancel()
+        _write_json(path, make())
+        stream.close()
+        ctl.close()
+    return status
+
+
+async def run_secondary(hv: SimHypervisor, listen: str, settings: RemusSettings) -> Any:
+    host, port = parse_addr(listen)
+    listener = Listener(host, port)
+    await listener.start()
+    print(f"receiving on {host}:{listener.port}", flush=True)
+    pid, stream, ctl = await listener.pairs.get()
+    listener.close()
+    secondary = RemusSecondary(hv, stream, ctl, settings)
+    name_box: dict[str, str] = {"name": pid}
+
+    def make() -> dict[str, Any]:
+        age = round(time.monotonic() - ctl.last_heard, 3)
+        return summarize(
+            "secondary", name_box["name"], secondary.status, {"last_heartbeat_age": age}
+        )
+
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGUSR1, secondary.force_failover)
+    task = asyncio.create_task(secondary.run())
+    while secondary.target is None and not task.done():
+        await asyncio.sleep(0.01)
+    if secondary.target is not None:
+        name_box["name"] = secondary.target.name
+    path = status_path(hv, name_box["name"])
+    publisher = asyncio.create_task(_publish(path, make))
+    try:
+        return await task
+    finally:
+        publisher.cancel()
+        _write_json(path, make())
+        stream.close()
+        ctl.close()

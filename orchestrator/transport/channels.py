@@ -1,0 +1,94 @@
+"""TCP channels between the two orchestrators: the stream and the control connection.
+
+Each connection opens with a 24-byte preamble, ``XRMS``, u32 kind (1 stream,
+2 control) and the 16-byte protection UUID, so that one listening port
+serves both and pairs them. The stream socket stays a plain blocking
+socket: its fd is handed to the save/restore helper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+import uuid
+from dataclasses import dataclass, field
+from typing import Final
+
+from ..protection.remus import Control
+
+MAGIC: Final = b"XRMS"
+PREAMBLE: Final = struct.Struct("<4sI16s")
+STREAM, CONTROL = 1, 2
+
+
+class ChannelError(Exception):
+    pass
+
+
+def parse_addr(addr: str, default_port: int = 8002) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":") if ":" in addr else (addr, "", "")
+    return host or "127.0.0.1", int(port) if port else default_port
+
+
+async def connect(
+    addr: str, protection: str, timeout: float = 10.0
+) -> tuple[socket.socket, Control]:
+    host, port = parse_addr(addr)
+    pid = uuid.UUID(protection).bytes
+    stream = await asyncio.to_thread(socket.create_connection, (host, port), timeout)
+    stream.settimeout(None)
+    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    stream.sendall(PREAMBLE.pack(MAGIC, STREAM, pid))
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    writer.write(PREAMBLE.pack(MAGIC, CONTROL, pid))
+    await writer.drain()
+    return stream, Control(reader, writer)
+
+
+@dataclass
+class Listener:
+    """Accepts connections and hands out (stream, control) pairs of one protection."""
+
+    host: str
+    port: int
+    pairs: asyncio.Queue[tuple[str, socket.socket, Control]] = field(default_factory=asyncio.Queue)
+    _partial: dict[bytes, dict[int, object]] = field(default_factory=dict)
+    server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._accept, self.host, self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            raw = await asyncio.wait_for(reader.readexactly(PREAMBLE.size), 10)
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+            return
+        magic, kind, pid = PREAMBLE.unpack(raw)
+        if magic != MAGIC or kind not in (STREAM, CONTROL):
+            writer.close()
+            return
+        slot = self._partial.setdefault(pid, {})
+        if kind == STREAM:
+            # the helper needs a plain blocking fd: take the socket away from asyncio
+            sock: socket.socket = writer.get_extra_info("socket")
+            plain = sock.dup()
+            plain.setblocking(True)
+            writer.transport.abort()
+            slot[STREAM] = plain
+        else:
+            slot[CONTROL] = Control(reader, writer)
+        if STREAM in slot and CONTROL in slot:
+            del self._partial[pid]
+            stream, ctl = slot[STREAM], slot[CONTROL]
+            assert isinstance(stream, socket.socket) and isinstance(ctl, Control)
+            await self.pairs.put((str(uuid.UUID(bytes=pid)), stream, ctl))
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
