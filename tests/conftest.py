@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
+import pytest
+
+from orchestrator.hypervisors.sim import SimHypervisor
 from orchestrator.streams.synth import Chunk
 
 
@@ -14,3 +18,13 @@ def join(chunks: Iterable[Chunk]) -> bytes:
 
 def stream_file(data: bytes) -> io.BytesIO:
     return io.BytesIO(data)
+
+
+@pytest.fixture
+def hosts(tmp_path: Path) -> Iterator[tuple[SimHypervisor, SimHypervisor]]:
+    """Two simulated hosts; every domain left on them is destroyed afterwards."""
+    a, b = SimHypervisor(tmp_path / "hostA"), SimHypervisor(tmp_path / "hostB")
+    yield a, b
+    for hv in (a, b):
+        for d in hv.list_domains():
+            hv.destroy(d.domid)

@@ -127,6 +127,21 @@ def _send_all(sock: socket.socket, data: bytes) -> None:
     sock.sendall(data)
 
 
+async def _send_nowait(sock: socket.socket, data: bytes) -> None:
+    """Send on the blocking stream socket without blocking the event loop.
+
+    The socket stays blocking (the helper needs it so); a non-blocking
+    attempt first covers the usual case of room in the send buffer, and only
+    the rest, if any, waits in a thread.
+    """
+    try:
+        sent = sock.send(data, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        sent = 0
+    if sent < len(data):
+        await asyncio.to_thread(_send_all, sock, data[sent:])
+
+
 class RemusPrimary:
     def __init__(
         self,
@@ -208,7 +223,7 @@ class RemusPrimary:
         self._acks[seq] = fut
         sent = time.perf_counter()
         try:
-            await asyncio.to_thread(_send_all, self.stream, libxl.CHECKPOINT_END_RECORD)
+            await _send_nowait(self.stream, libxl.CHECKPOINT_END_RECORD)
             await asyncio.wait_for(fut, self.settings.ack_timeout)
         except TimeoutError:
             self.status.reason = f"no ACK for checkpoint {seq} within {self.settings.ack_timeout} s"
@@ -216,6 +231,10 @@ class RemusPrimary:
         except (ConnectionError, OSError) as exc:
             self.status.reason = f"checkpoint {seq}: {exc}"
             return 0
+        finally:
+            self._acks.pop(seq, None)
+            if not fut.done():
+                fut.cancel()
         self._progress = time.monotonic()
         self.status.ack_lag_seconds.append(time.perf_counter() - sent)
         self.status.checkpoints = seq

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,15 +19,6 @@ pytestmark = pytest.mark.skipif(
     reason="needs root (network namespaces, iptables) and NFQUEUE: "
     + (nfqueue_available() or "not root"),
 )
-
-
-@pytest.fixture
-def hosts(tmp_path: Path) -> Iterator[tuple[SimHypervisor, SimHypervisor]]:
-    a, b = SimHypervisor(tmp_path / "A"), SimHypervisor(tmp_path / "B")
-    yield a, b
-    for hv in (a, b):
-        for d in hv.list_domains():
-            hv.destroy(d.domid)
 
 
 async def control_pair() -> tuple[Control, Control]:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -15,15 +13,6 @@ from orchestrator.protection.remus import Control, RemusPrimary, RemusSecondary,
 SETTINGS = RemusSettings(
     interval=0.05, ack_timeout=2.0, heartbeat_interval=0.02, heartbeat_timeout=0.3
 )
-
-
-@pytest.fixture
-def hosts(tmp_path: Path) -> Iterator[tuple[SimHypervisor, SimHypervisor]]:
-    a, b = SimHypervisor(tmp_path / "A"), SimHypervisor(tmp_path / "B")
-    yield a, b
-    for hv in (a, b):
-        for d in hv.list_domains():
-            hv.destroy(d.domid)
 
 
 async def kv(address: str, lines: list[bytes]) -> list[bytes]:

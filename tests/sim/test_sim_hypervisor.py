@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,15 +22,6 @@ from orchestrator.streams import Record, StreamDecoder
 from orchestrator.streams.fileio import iter_events
 
 XEN_VERIFY = Path("/usr/lib/xen-4.17/bin/verify-stream-v2")
-
-
-@pytest.fixture
-def hosts(tmp_path: Path) -> Iterator[tuple[SimHypervisor, SimHypervisor]]:
-    a, b = SimHypervisor(tmp_path / "hostA"), SimHypervisor(tmp_path / "hostB")
-    yield a, b
-    for hv in (a, b):
-        for d in hv.list_domains():
-            hv.destroy(d.domid)
 
 
 class Client:
