@@ -169,7 +169,8 @@ def cmd_protect(args: argparse.Namespace) -> int:
         print("remusctl: -b (replicate to /dev/null) is not supported yet", file=sys.stderr)
         return 2
     hv = _hypervisor(args)
-    status = asyncio.run(run_primary(hv, args.name, args.to, _settings(args), not args.n))
+    netbuf = "none" if args.n else args.netbuf
+    status = asyncio.run(run_primary(hv, args.name, args.to, _settings(args), netbuf))
     print(
         f"replication of {args.name} ended after {status.checkpoints} checkpoints: "
         f"{status.reason or 'stopped'}; the domain runs on here"
@@ -294,6 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("-F", "allow unsafe"),
     ):
         pr.add_argument(flag, action="store_true", help=text)
+    pr.add_argument(
+        "--netbuf",
+        choices=["auto", "nfqueue", "proxy"],
+        default="auto",
+        help="output buffer: NFQUEUE on the guest's vif (root), or a userspace proxy "
+        "clients connect through (address in `remusctl status`); auto picks",
+    )
     pr.set_defaults(func=cmd_protect)
     rc = sub.add_parser("receive", help="be the secondary of one protection")
     rc.add_argument("--listen", default="127.0.0.1:8002")

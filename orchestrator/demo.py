@@ -33,6 +33,7 @@ from .hypervisors.sim import SimHypervisor
 class DemoReport:
     interval_ms: float
     netbuf: bool
+    netbuf_device: str = ""
     checkpoints: int = 0
     pause_ms_p50: float | None = None
     writes_acknowledged: int = 0
@@ -93,6 +94,7 @@ async def run_demo(
     clients: int = 8,
     progress: bool = True,
     workdir: Path | None = None,
+    netbuf_mode: str = "auto",
 ) -> DemoReport:
     tmp = tempfile.TemporaryDirectory(prefix="remus-demo-", dir=workdir)
     base = Path(tmp.name)
@@ -119,7 +121,7 @@ async def run_demo(
         assert recv.stdout is not None
         first = await asyncio.wait_for(recv.stdout.readline(), 15)
         say(f"== secondary on host-b: {first.decode().strip()}")
-        flags = [] if netbuf else ["-n", "-F"]
+        flags = ["--netbuf", netbuf_mode] if netbuf else ["-n", "-F"]
         prot_log = open(base / "protect.log", "wb")  # noqa: SIM115 - closed in finally
         logs.append(prot_log)
         prot = await asyncio.create_subprocess_exec(
@@ -152,14 +154,18 @@ async def run_demo(
             prot_log.flush()
             err = (base / "protect.log").read_text(errors="replace")[-600:]
             raise RuntimeError(f"replication did not start: {err.strip()}")
+        st = json.loads(status_file.read_text())
+        service = st.get("service_address") or info.address
+        report.netbuf_device = st.get("netbuf", "")
         say(
             f"== protected (Remus, -i {interval_ms:g} ms, network buffering "
-            f"{'on' if netbuf else 'OFF (-n -F)'}); {clients} clients writing"
+            f"{report.netbuf_device if netbuf else 'OFF (-n -F)'}); {clients} clients "
+            f"writing to {service}"
         )
         acked: dict[str, str] = {}
         stop = asyncio.Event()
         writers = [
-            asyncio.create_task(_writer(info.address, f"c{i}", acked, stop)) for i in range(clients)
+            asyncio.create_task(_writer(service, f"c{i}", acked, stop)) for i in range(clients)
         ]
         started = time.monotonic()
         kill_at = duration * random.uniform(0.5, 1.0)
@@ -231,6 +237,7 @@ def render(r: DemoReport) -> str:
             f"   acknowledged writes:          {r.writes_acknowledged} "
             f"({r.write_throughput_per_s}/s)",
             f"   failover time:                {r.failover_s} s (kill -> all keys read back)",
+            f"   output buffering:             {r.netbuf_device if r.netbuf else 'off (-n -F)'}",
             f"   acknowledged writes lost:     {r.acknowledged_writes_lost}"
             + ("" if r.netbuf else "   (network buffering was OFF)"),
         ]
@@ -251,17 +258,21 @@ def main(argv: list[str] | None = None) -> int:
         help="no network buffering (shows why it matters)",
     )
     ap.add_argument("--json", action="store_true")
+    ap.add_argument(
+        "--netbuf",
+        choices=["auto", "nfqueue", "proxy"],
+        default="auto",
+        help="output buffer (auto: NFQUEUE as root, else the userspace proxy)",
+    )
     args = ap.parse_args(argv)
-    if os.geteuid() != 0 and not args.no_netbuf:
-        print(
-            "remusctl demo: network buffering needs root (network namespaces, NFQUEUE); "
-            "run as root or pass -n",
-            file=sys.stderr,
-        )
-        return 2
     report = asyncio.run(
         run_demo(
-            args.duration, args.interval, not args.no_netbuf, args.clients, progress=not args.json
+            args.duration,
+            args.interval,
+            not args.no_netbuf,
+            args.clients,
+            progress=not args.json,
+            netbuf_mode=args.netbuf,
         )
     )
     print(json.dumps(asdict(report), indent=2) if args.json else render(report))

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from ..devices.base import CheckpointDevice
-from ..devices.netbuf_nfqueue import NfqueueNetbuf
+from ..devices.netbuf_nfqueue import NfqueueNetbuf, nfqueue_available
+from ..devices.netbuf_proxy import ProxyNetbuf
 from ..hypervisors.sim import SimHypervisor
 from ..transport.channels import Listener, connect, parse_addr
 from ..transport.control import Shutdown
@@ -65,28 +66,43 @@ async def _publish(path: Path, make: Any) -> None:
         await asyncio.sleep(0.2)
 
 
+def choose_netbuf(hv: SimHypervisor, domid: int, mode: str) -> str:
+    """auto: NFQUEUE on the guest's vif where we can, else the userspace proxy."""
+    if mode != "auto":
+        return mode
+    if hv.vif_name(domid) is not None and nfqueue_available() is None:
+        return "nfqueue"
+    return "proxy"
+
+
 async def run_primary(
-    hv: SimHypervisor, name: str, to: str, settings: RemusSettings, netbuf: bool
+    hv: SimHypervisor, name: str, to: str, settings: RemusSettings, netbuf: str = "auto"
 ) -> RemusStatus:
     info = hv.lookup(name)
     devices: list[CheckpointDevice] = []
     netdev: NfqueueNetbuf | None = None
-    if netbuf:
+    proxy: ProxyNetbuf | None = None
+    mode = choose_netbuf(hv, info.domid, netbuf)
+    if mode == "nfqueue":
         vif = hv.vif_name(info.domid)
         if vif is None:
-            raise RuntimeError(
-                "network buffering needs the guest's vif (simulated domains get one when "
-                "run as root); use -n -F to replicate without it"
-            )
+            raise RuntimeError("NFQUEUE buffering needs the guest's vif (root only)")
         netdev = NfqueueNetbuf(vif, 1000 + zlib.crc32(vif.encode()) % 60000)
         devices.append(netdev)
+    elif mode == "proxy":
+        proxy = ProxyNetbuf(info.address)
+        devices.append(proxy)
     stream, ctl = await connect(to, info.uuid)
     primary = RemusPrimary(hv, info, stream, ctl, settings, devices)
     path = status_path(hv, name)
 
     def make() -> dict[str, Any]:
         held = netdev.held_packets if netdev else None
-        return summarize("primary", name, primary.status, {"peer": to, "held_packets": held})
+        extra: dict[str, Any] = {"peer": to, "netbuf": mode, "held_packets": held}
+        if proxy is not None:
+            # with the proxy, clients must come through it for their output to be held
+            extra.update(service_address=proxy.address, held_bytes=proxy.held_bytes)
+        return summarize("primary", name, primary.status, extra)
 
     publisher = asyncio.create_task(_publish(path, make))
     loop = asyncio.get_running_loop()

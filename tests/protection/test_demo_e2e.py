@@ -61,3 +61,20 @@ def test_without_buffering_acknowledged_writes_can_be_lost(tmp_path: Path) -> No
         if report.acknowledged_writes_lost:
             break
     assert any(losses), f"no loss in {len(losses)} runs without buffering: {losses}"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the demo's guests need network namespaces (root)")
+def test_userspace_proxy_buffer_loses_no_acknowledged_write(tmp_path: Path) -> None:
+    for _ in range(10):
+        report = asyncio.run(
+            run_demo(
+                duration=0.6,
+                interval_ms=20,
+                clients=4,
+                progress=False,
+                workdir=tmp_path,
+                netbuf_mode="proxy",
+            )
+        )
+        assert report.netbuf_device == "proxy"
+        assert report.acknowledged_writes_lost == 0, report.lost_keys_sample
