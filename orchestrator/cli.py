@@ -212,6 +212,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         "last_checkpoint_age",
         "pause_ms_p50",
         "ack_lag_ms_p50",
+        "dirty_pages_p50",
         "held_packets",
         "reason",
     ]
@@ -297,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
         pr.add_argument(flag, action="store_true", help=text)
     pr.add_argument(
         "--netbuf",
-        choices=["auto", "nfqueue", "proxy"],
+        choices=["auto", "plug", "nfqueue", "proxy"],
         default="auto",
         help="output buffer: NFQUEUE on the guest's vif (root), or a userspace proxy "
         "clients connect through (address in `remusctl status`); auto picks",

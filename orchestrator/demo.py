@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument(
         "--netbuf",
-        choices=["auto", "nfqueue", "proxy"],
+        choices=["auto", "plug", "nfqueue", "proxy"],
         default="auto",
         help="output buffer (auto: NFQUEUE as root, else the userspace proxy)",
     )

@@ -35,6 +35,7 @@ from ..savehelper import (
     HelperFailed,
     HelperSession,
     Mode,
+    Progress,
     RestoreArgs,
     SaveArgs,
     StreamType,
@@ -71,6 +72,7 @@ class RemusStatus:
     last_checkpoint_at: float = 0.0
     pause_seconds: list[float] = field(default_factory=list)
     ack_lag_seconds: list[float] = field(default_factory=list)
+    dirty_pages: list[int] = field(default_factory=list)  # pages sent per checkpoint
     reason: str = ""
 
 
@@ -164,6 +166,7 @@ class RemusPrimary:
         self._suspended = False
         self._lost = False
         self._progress = time.monotonic()
+        self._pages_this_checkpoint = 0
 
     async def _control_reader(self) -> None:
         try:
@@ -195,7 +198,14 @@ class RemusPrimary:
                 await self.session.abort()
                 return
 
+    def _progress_event(self, event: Progress) -> None:
+        # libxc reports the pages of each batch it sends as "Frames" progress
+        if event.doing_what == "Frames":
+            self._pages_this_checkpoint += event.done
+
     async def _suspend(self) -> int:
+        self.status.dirty_pages.append(self._pages_this_checkpoint)
+        self._pages_this_checkpoint = 0
         self._suspended_at = time.perf_counter()
         await self.hv.suspend(self.domain.domid)
         self._suspended = True
@@ -259,6 +269,7 @@ class RemusPrimary:
         self.session = HelperSession(
             Mode.SAVE,
             Callbacks(suspend=self._suspend, postcopy=self._postcopy, checkpoint=self._checkpoint),
+            on_progress=self._progress_event,
         )
         try:
             args = SaveArgs(self.domain.domid, self.session.cbflags, StreamType.REMUS)

@@ -21,6 +21,7 @@ from typing import Any
 
 from ..devices.base import CheckpointDevice
 from ..devices.netbuf_nfqueue import NfqueueNetbuf, nfqueue_available
+from ..devices.netbuf_plug import PlugNetbuf, plug_available
 from ..devices.netbuf_proxy import ProxyNetbuf
 from ..hypervisors.sim import SimHypervisor
 from ..transport.channels import Listener, connect, parse_addr
@@ -42,6 +43,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 def summarize(role: str, name: str, st: RemusStatus, extra: dict[str, Any]) -> dict[str, Any]:
     pauses = st.pause_seconds[-200:]
+    dirty = st.dirty_pages[-200:][1:] if len(st.dirty_pages) > 1 else []  # not the full pass
     lags = st.ack_lag_seconds[-200:]
     return {
         "name": name,
@@ -54,6 +56,8 @@ def summarize(role: str, name: str, st: RemusStatus, extra: dict[str, Any]) -> d
         else None,
         "pause_ms_p50": round(statistics.median(pauses) * 1e3, 3) if pauses else None,
         "ack_lag_ms_p50": round(statistics.median(lags) * 1e3, 3) if lags else None,
+        "dirty_pages_p50": statistics.median(dirty) if dirty else None,
+        "dirty_bytes_p50": statistics.median(dirty) * 4096 if dirty else None,
         "reason": st.reason,
         "updated": time.time(),
         **extra,
@@ -67,11 +71,15 @@ async def _publish(path: Path, make: Any) -> None:
 
 
 def choose_netbuf(hv: SimHypervisor, domid: int, mode: str) -> str:
-    """auto: NFQUEUE on the guest's vif where we can, else the userspace proxy."""
+    """auto: what Xen uses (plug qdisc) where the kernel has it, else NFQUEUE on the
+    guest's vif, else the userspace proxy."""
     if mode != "auto":
         return mode
-    if hv.vif_name(domid) is not None and nfqueue_available() is None:
-        return "nfqueue"
+    if hv.vif_name(domid) is not None:
+        if plug_available() is None:
+            return "plug"
+        if nfqueue_available() is None:
+            return "nfqueue"
     return "proxy"
 
 
@@ -89,6 +97,11 @@ async def run_primary(
             raise RuntimeError("NFQUEUE buffering needs the guest's vif (root only)")
         netdev = NfqueueNetbuf(vif, 1000 + zlib.crc32(vif.encode()) % 60000)
         devices.append(netdev)
+    elif mode == "plug":
+        vif = hv.vif_name(info.domid)
+        if vif is None:
+            raise RuntimeError("plug-qdisc buffering needs the guest's vif (root only)")
+        devices.append(PlugNetbuf(vif))
     elif mode == "proxy":
         proxy = ProxyNetbuf(info.address)
         devices.append(proxy)

@@ -1,7 +1,15 @@
 """The libxl/libxc save-helper boundary: spawning, message codec, mediated session."""
 
 from .messages import ParentCodec, ProtocolError
-from .session import Callbacks, Failure, HelperFailed, HelperResult, HelperSession, SessionBounds
+from .session import (
+    Callbacks,
+    Failure,
+    HelperFailed,
+    HelperResult,
+    HelperSession,
+    Progress,
+    SessionBounds,
+)
 from .spawn import HelperNotFound, Mode, RestoreArgs, SaveArgs, StreamType, find_helper
 
 __all__ = [
@@ -13,6 +21,7 @@ __all__ = [
     "HelperSession",
     "Mode",
     "ParentCodec",
+    "Progress",
     "ProtocolError",
     "RestoreArgs",
     "SaveArgs",

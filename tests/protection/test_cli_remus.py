@@ -1,0 +1,70 @@
+"""The Remus CLI verbs as processes: protect, receive, status, failover, unprotect."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from orchestrator.hypervisors.sim import SimHypervisor
+
+
+def remusctl(host: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "orchestrator.cli", "--host", str(host), *args]
+
+
+def status(host: Path) -> list[dict[str, object]]:
+    r = subprocess.run(remusctl(host, "status", "--json"), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows: list[dict[str, object]] = json.loads(r.stdout)
+    return rows
+
+
+def test_protect_status_failover_refusal_and_unprotect(
+    hosts: tuple[SimHypervisor, SimHypervisor],
+) -> None:
+    a, b = hosts
+    a.create_domain("web", memory_mib=16)
+    port = 30000 + random.randrange(10000)
+    recv = subprocess.Popen(
+        remusctl(b.host, "receive", "--listen", f"127.0.0.1:{port}"),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    prot = None
+    try:
+        assert recv.stdout is not None and "receiving on" in recv.stdout.readline()
+        prot = subprocess.Popen(
+            remusctl(a.host, "protect", "web", "--to", f"127.0.0.1:{port}", "-i", "50"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            rows = status(a.host)
+            if rows and int(rows[0]["checkpoints"]) >= 3:  # type: ignore[call-overload]
+                break
+            time.sleep(0.1)
+        (p,) = status(a.host)
+        assert p["role"] == "primary" and p["state"] == "replicating"
+        assert p["netbuf"] in ("nfqueue", "proxy") and p["pause_ms_p50"] is not None
+        (s,) = status(b.host)
+        assert s["role"] == "secondary" and s["state"] == "replicating"
+        # the primary is alive: a failover now would run two copies
+        r = subprocess.run(remusctl(b.host, "failover", "web"), capture_output=True, text=True)
+        assert r.returncode == 1 and "refusing" in r.stderr
+        assert subprocess.run(remusctl(a.host, "unprotect", "web")).returncode == 0
+        out, _ = prot.communicate(timeout=20)
+        assert prot.returncode == 0 and "unprotected" in out
+        rest, _ = recv.communicate(timeout=20)
+        assert "secondary copy was dropped" in rest
+        assert a.lookup("web").state == "running" and b.list_domains() == []
+    finally:
+        for proc in (recv, prot):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
