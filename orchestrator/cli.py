@@ -21,7 +21,7 @@ from .demo import main as demo_main
 from .hypervisors.base import HypervisorError
 from .hypervisors.sim import SimHypervisor
 from .protection.remus import RemusSettings, Unprotected
-from .protection.runner import run_primary, run_secondary
+from .protection.runner import add_netbuf_option, run_primary, run_secondary
 from .saverestore import SaveRestoreError, restore_domain, save_domain
 from .streams import Layer, StreamDecoder, StreamError, StreamType, libxc
 from .streams.dump import dump_lines
@@ -296,13 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("-F", "allow unsafe"),
     ):
         pr.add_argument(flag, action="store_true", help=text)
-    pr.add_argument(
-        "--netbuf",
-        choices=["auto", "plug", "nfqueue", "proxy"],
-        default="auto",
-        help="output buffer: NFQUEUE on the guest's vif (root), or a userspace proxy "
-        "clients connect through (address in `remusctl status`); auto picks",
-    )
+    add_netbuf_option(pr)
     pr.set_defaults(func=cmd_protect)
     rc = sub.add_parser("receive", help="be the secondary of one protection")
     rc.add_argument("--listen", default="127.0.0.1:8002")

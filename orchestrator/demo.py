@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .hypervisors.sim import SimHypervisor
+from .protection.runner import add_netbuf_option
 
 
 @dataclass
@@ -258,12 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         help="no network buffering (shows why it matters)",
     )
     ap.add_argument("--json", action="store_true")
-    ap.add_argument(
-        "--netbuf",
-        choices=["auto", "plug", "nfqueue", "proxy"],
-        default="auto",
-        help="output buffer (auto: NFQUEUE as root, else the userspace proxy)",
-    )
+    add_netbuf_option(ap)
     args = ap.parse_args(argv)
     report = asyncio.run(
         run_demo(

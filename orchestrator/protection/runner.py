@@ -70,6 +70,21 @@ async def _publish(path: Path, make: Any) -> None:
         await asyncio.sleep(0.2)
 
 
+NETBUF_MODES = ("auto", "plug", "nfqueue", "proxy")
+
+
+def add_netbuf_option(parser: Any) -> None:
+    """`--netbuf`, shared by `remusctl protect` and `remusctl demo`."""
+    parser.add_argument(
+        "--netbuf",
+        choices=NETBUF_MODES,
+        default="auto",
+        help="output buffer: a plug qdisc (Xen's way; needs sch_plug) or NFQUEUE on the "
+        "guest's vif (root), or a userspace proxy clients connect through (its address in "
+        "`remusctl status`); auto takes the first that works",
+    )
+
+
 def choose_netbuf(hv: SimHypervisor, domid: int, mode: str) -> str:
     """auto: what Xen uses (plug qdisc) where the kernel has it, else NFQUEUE on the
     guest's vif, else the userspace proxy."""

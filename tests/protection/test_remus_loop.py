@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
+from orchestrator.hypervisors.base import DomainInfo
 from orchestrator.hypervisors.sim import SimHypervisor
 from orchestrator.protection.remus import Control, RemusPrimary, RemusSecondary, RemusSettings
 
@@ -39,6 +42,33 @@ async def wait_for(cond: object, timeout: float = 20.0) -> None:
         await asyncio.sleep(0.02)
 
 
+@dataclass
+class Link:
+    """A primary and a secondary joined by socketpairs, both running."""
+
+    primary: RemusPrimary
+    secondary: RemusSecondary
+    p_task: asyncio.Task[Any]
+    s_task: asyncio.Task[Any]
+    sockets: tuple[socket.socket, socket.socket, Control, Control]
+
+
+async def start(a: SimHypervisor, b: SimHypervisor, info: DomainInfo, name: str | None) -> Link:
+    s_primary, s_secondary = socket.socketpair()
+    c_primary, c_secondary = await pair()
+    primary = RemusPrimary(a, info, s_primary, c_primary, SETTINGS)
+    secondary = RemusSecondary(b, s_secondary, c_secondary, SETTINGS, name=name)
+    link = Link(
+        primary,
+        secondary,
+        asyncio.create_task(primary.run()),
+        asyncio.create_task(secondary.run()),
+        (s_primary, s_secondary, c_primary, c_secondary),
+    )
+    await wait_for(lambda: primary.status.checkpoints >= 3)
+    return link
+
+
 def test_failover_keeps_every_checkpointed_write(
     hosts: tuple[SimHypervisor, SimHypervisor],
 ) -> None:
@@ -46,13 +76,9 @@ def test_failover_keeps_every_checkpointed_write(
     info = a.create_domain("web", memory_mib=16)
 
     async def go() -> None:
-        s_primary, s_secondary = socket.socketpair()
-        c_primary, c_secondary = await pair()
-        primary = RemusPrimary(a, info, s_primary, c_primary, SETTINGS)
-        secondary = RemusSecondary(b, s_secondary, c_secondary, SETTINGS, name="web")
-        p_task = asyncio.create_task(primary.run())
-        s_task = asyncio.create_task(secondary.run())
-        await wait_for(lambda: primary.status.checkpoints >= 3)
+        link = await start(a, b, info, "web")
+        primary, secondary = link.primary, link.secondary
+        s_primary, _, c_primary, _ = link.sockets
         assert set(await kv(info.address, [b"PUT k%d v%d" % (i, i) for i in range(500)])) == {b"OK"}
         done = primary.status.checkpoints
         await wait_for(lambda: primary.status.checkpoints >= done + 2)
@@ -61,8 +87,8 @@ def test_failover_keeps_every_checkpointed_write(
         primary.session.helper.process.kill()
         s_primary.close()
         c_primary.close()
-        p_task.cancel()
-        restored = await asyncio.wait_for(s_task, 20)
+        link.p_task.cancel()
+        restored = await asyncio.wait_for(link.s_task, 20)
         assert restored.state == "running" and secondary.status.state == "failed-over"
         got = await kv(restored.address, [b"GET k%d" % i for i in range(500)])
         assert got == [b"VALUE v%d" % i for i in range(500)]
@@ -79,22 +105,17 @@ def test_secondary_death_leaves_the_primary_running(
     info = a.create_domain("web", memory_mib=16)
 
     async def go() -> None:
-        s_primary, s_secondary = socket.socketpair()
-        c_primary, c_secondary = await pair()
-        primary = RemusPrimary(a, info, s_primary, c_primary, SETTINGS)
-        secondary = RemusSecondary(b, s_secondary, c_secondary, SETTINGS)
-        p_task = asyncio.create_task(primary.run())
-        s_task = asyncio.create_task(secondary.run())
-        await wait_for(lambda: primary.status.checkpoints >= 2)
-        s_task.cancel()
+        link = await start(a, b, info, None)
+        _, s_secondary, _, c_secondary = link.sockets
+        link.s_task.cancel()
         c_secondary.close()
         s_secondary.close()
-        status = await asyncio.wait_for(p_task, 20)
+        status = await asyncio.wait_for(link.p_task, 20)
         assert status.state == "stopped" and status.reason
         assert a.lookup("web").state == "running"
         assert await kv(info.address, [b"PUT after yes", b"GET after"]) == [b"OK", b"VALUE yes"]
         with pytest.raises(asyncio.CancelledError):
-            await s_task
+            await link.s_task
 
     asyncio.run(go())
 
