@@ -104,9 +104,7 @@ class SimDomain:
         if not cfg.exists():
             raise NoSuchDomain(f"no simulated domain at {path}")
         self.config = DomainConfig(**json.loads(cfg.read_text()))
-        self._memory: mmap.mmap | None = None
-        self._dirty: mmap.mmap | None = None
-        self._state: mmap.mmap | None = None
+        self._maps: dict[str, mmap.mmap] = {}
 
     @classmethod
     def create(
@@ -138,26 +136,25 @@ class SimDomain:
     def pages(self) -> int:
         return self.config.pages
 
+    def _map(self, name: str, size: int) -> mmap.mmap:
+        """The shared mapping of one of the domain's files, made on first use."""
+        m = self._maps.get(name)
+        if m is None:
+            with open(self.path / name, "r+b") as f:
+                m = self._maps[name] = mmap.mmap(f.fileno(), size)
+        return m
+
     @property
     def memory(self) -> mmap.mmap:
-        if self._memory is None:
-            with open(self.path / "memory", "r+b") as f:
-                self._memory = mmap.mmap(f.fileno(), self.config.memory_bytes)
-        return self._memory
+        return self._map("memory", self.config.memory_bytes)
 
     @property
     def dirty(self) -> mmap.mmap:
-        if self._dirty is None:
-            with open(self.path / "dirty", "r+b") as f:
-                self._dirty = mmap.mmap(f.fileno(), self.config.pages)
-        return self._dirty
+        return self._map("dirty", self.config.pages)
 
     @property
     def _state_map(self) -> mmap.mmap:
-        if self._state is None:
-            with open(self.path / "state", "r+b") as f:
-                self._state = mmap.mmap(f.fileno(), _STATE_WORD.size)
-        return self._state
+        return self._map("state", _STATE_WORD.size)
 
     def read_state(self) -> DomainState:
         # one 8-byte aligned load: a writer in another process is seen whole or not at all
@@ -173,10 +170,9 @@ class SimDomain:
         _atomic_write(self.path / "vcpu", blob)
 
     def close(self) -> None:
-        for m in (self._memory, self._dirty, self._state):
-            if m is not None:
-                m.close()
-        self._memory = self._dirty = self._state = None
+        for m in self._maps.values():
+            m.close()
+        self._maps.clear()
 
 
 def domain_path(host: Path, domid: int) -> Path:

@@ -104,6 +104,32 @@ async def run_save(
     return s
 
 
+def failed_save(
+    kit: Kit,
+    s: HelperSession,
+    fd: int,
+    stream_type: StreamType = StreamType.PLAIN,
+    env: dict[str, str] | None = None,
+) -> HelperFailed:
+    """Run a save that must fail, and return how it failed."""
+
+    async def go() -> HelperFailed:
+        with pytest.raises(HelperFailed) as info:
+            await s.run(
+                fd,
+                -1,
+                SaveArgs(DOMID, s.cbflags, stream_type),
+                helper=kit.helper,
+                extra_env=kit.env if env is None else env,
+            )
+        return info.value
+
+    try:
+        return asyncio.run(go())
+    finally:
+        os.close(fd)
+
+
 def save_file(tmp_path: Path) -> tuple[int, Path]:
     path = tmp_path / "stream"
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600), path
@@ -435,18 +461,12 @@ def test_callback_that_never_answers(kit: Kit, tmp_path: Path) -> None:
         await asyncio.sleep(3600)
         return 1
 
-    async def go() -> HelperFailed:
-        s = HelperSession(
-            Mode.SAVE,
-            Callbacks(suspend=hang, switch_qemu_logdirty=ret(0)),
-            bounds=SessionBounds(per_callback={"suspend": 0.5}),
-        )
-        with pytest.raises(HelperFailed) as info:
-            await s.run(fd, -1, SaveArgs(DOMID, s.cbflags), helper=kit.helper, extra_env=kit.env)
-        return info.value
-
-    exc = asyncio.run(go())
-    os.close(fd)
+    s = HelperSession(
+        Mode.SAVE,
+        Callbacks(suspend=hang, switch_qemu_logdirty=ret(0)),
+        bounds=SessionBounds(per_callback={"suspend": 0.5}),
+    )
+    exc = failed_save(kit, s, fd)
     assert exc.failure is Failure.CALLBACK_TIMEOUT
     assert "suspend gave no answer in 0.5 s" in str(exc)
     assert exc.result.exit_status == -signal.SIGKILL  # killed, as libxl's helper_failed does
@@ -465,29 +485,17 @@ def test_helper_killed_mid_checkpoint(kit: Kit, tmp_path: Path) -> None:
         await proc.process.wait()
         return 1
 
-    async def go() -> HelperFailed:
-        s = HelperSession(
-            Mode.SAVE,
-            Callbacks(
-                suspend=suspender(kit),
-                postcopy=ret(1),
-                checkpoint=kill_in_checkpoint,
-                switch_qemu_logdirty=ret(0),
-            ),
-        )
-        holder["s"] = s
-        with pytest.raises(HelperFailed) as info:
-            await s.run(
-                fd,
-                -1,
-                SaveArgs(DOMID, s.cbflags, StreamType.REMUS),
-                helper=kit.helper,
-                extra_env=kit.env,
-            )
-        return info.value
-
-    exc = asyncio.run(go())
-    os.close(fd)
+    s = HelperSession(
+        Mode.SAVE,
+        Callbacks(
+            suspend=suspender(kit),
+            postcopy=ret(1),
+            checkpoint=kill_in_checkpoint,
+            switch_qemu_logdirty=ret(0),
+        ),
+    )
+    holder["s"] = s
+    exc = failed_save(kit, s, fd, StreamType.REMUS)
     assert exc.failure is Failure.SIGNALLED and "SIGKILL" in str(exc)
     assert "complete" not in exc.result.callbacks()
 
@@ -504,15 +512,9 @@ def test_stdin_closed_while_waiting_exits_254(kit: Kit, tmp_path: Path) -> None:
         h.close_replies()
         return 1
 
-    async def go() -> HelperFailed:
-        s = HelperSession(Mode.SAVE, Callbacks(suspend=close_stdin, switch_qemu_logdirty=ret(0)))
-        holder["s"] = s
-        with pytest.raises(HelperFailed) as info:
-            await s.run(fd, -1, SaveArgs(DOMID, s.cbflags), helper=kit.helper, extra_env=kit.env)
-        return info.value
-
-    exc = asyncio.run(go())
-    os.close(fd)
+    s = HelperSession(Mode.SAVE, Callbacks(suspend=close_stdin, switch_qemu_logdirty=ret(0)))
+    holder["s"] = s
+    exc = failed_save(kit, s, fd)
     assert exc.failure is Failure.STDIN_CLOSED and exc.result.exit_status == 254
 
 
@@ -544,20 +546,8 @@ def test_missing_callbacks_abort_like_libxc(kit: Kit, tmp_path: Path) -> None:
     kit.domain(DOMID)
     fd, _ = save_file(tmp_path)
 
-    async def go() -> HelperFailed:
-        s = HelperSession(Mode.SAVE, Callbacks(suspend=ret(1), switch_qemu_logdirty=ret(0)))
-        with pytest.raises(HelperFailed) as info:  # REMUS without postcopy/checkpoint
-            await s.run(
-                fd,
-                -1,
-                SaveArgs(DOMID, s.cbflags, StreamType.REMUS),
-                helper=kit.helper,
-                extra_env=kit.env,
-            )
-        return info.value
-
-    exc = asyncio.run(go())
-    os.close(fd)
+    s = HelperSession(Mode.SAVE, Callbacks(suspend=ret(1), switch_qemu_logdirty=ret(0)))
+    exc = failed_save(kit, s, fd, StreamType.REMUS)  # REMUS without postcopy/checkpoint
     assert exc.failure is Failure.SIGNALLED and "SIGABRT" in str(exc)
     assert "Assertion `callbacks->checkpoint && callbacks->postcopy' failed" in exc.result.stderr
 
@@ -566,17 +556,11 @@ def test_startup_failure_exits_255_without_complete(kit: Kit, tmp_path: Path) ->
     fd, _ = save_file(tmp_path)
     env = {"REMUS_SIM_HOST": str(tmp_path / "nowhere")} if kit.kind == "sim" else {}
 
-    async def go() -> HelperFailed:
-        s = HelperSession(
-            Mode.SAVE, Callbacks(suspend=ret(1), switch_qemu_logdirty=ret(0)), record_frames=True
-        )
-        with pytest.raises(HelperFailed) as info:
-            # the real helper without the stand-in: no hypervisor, xc_interface_open fails
-            await s.run(fd, -1, SaveArgs(DOMID, s.cbflags), helper=kit.helper, extra_env=env)
-        return info.value
-
-    exc = asyncio.run(go())
-    os.close(fd)
+    s = HelperSession(
+        Mode.SAVE, Callbacks(suspend=ret(1), switch_qemu_logdirty=ret(0)), record_frames=True
+    )
+    # the real helper without the stand-in: no hypervisor, xc_interface_open fails
+    exc = failed_save(kit, s, fd, env=env)
     assert exc.failure is Failure.STARTUP and exc.result.exit_status == 255
     assert exc.result.logs[-1].text == "xc_interface_open failed"
     if kit.kind == "real":  # the capture in the notes, 2.7
