@@ -162,7 +162,8 @@ def cmd_protect(args: argparse.Namespace) -> int:
         )
     if args.d:
         print(
-            "remusctl: WARNING: -d: disk replication off (simulated domains have no disks yet)",
+            "remusctl: WARNING: -d: disk writes are not replicated: after a failover the "
+            "secondary's disk is older than its memory",
             file=sys.stderr,
         )
     if args.b:
@@ -170,7 +171,9 @@ def cmd_protect(args: argparse.Namespace) -> int:
         return 2
     hv = _hypervisor(args)
     netbuf = "none" if args.n else args.netbuf
-    status = asyncio.run(run_primary(hv, args.name, args.to, _settings(args), netbuf))
+    status = asyncio.run(
+        run_primary(hv, args.name, args.to, _settings(args), netbuf, disk=not args.d)
+    )
     print(
         f"replication of {args.name} ended after {status.checkpoints} checkpoints: "
         f"{status.reason or 'stopped'}; the domain runs on here"

@@ -42,6 +42,10 @@ class DemoReport:
     killed_after_s: float = 0.0
     failover_s: float = 0.0
     acknowledged_writes_lost: int = 0
+    # the guest's disk journal and its memory agree on the last write: both
+    # came from the same checkpoint (disk replication at work)
+    disk_consistent: bool | None = None
+    disk_journal: str = ""
     lost_keys_sample: list[str] = field(default_factory=list)
 
 
@@ -210,6 +214,8 @@ async def run_demo(
         lost = [k for k, v in snapshot.items() if got.get(k) != v]
         report.acknowledged_writes_lost = len(lost)
         report.lost_keys_sample = lost[:5]
+        report.disk_journal = await _journal_stats(restored.address)
+        report.disk_consistent = report.disk_journal.endswith("CONSISTENT yes")
         say(
             f"== failover: {info.name} answers on host-b at {restored.address}, "
             f"{report.failover_s} s after the kill"
@@ -229,6 +235,15 @@ async def run_demo(
         tmp.cleanup()
 
 
+async def _journal_stats(address: str) -> str:
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"JSTATS\n")
+    line = await asyncio.wait_for(reader.readline(), 10)
+    writer.close()
+    return line.decode().strip()
+
+
 def render(r: DemoReport) -> str:
     return "\n".join(
         [
@@ -241,6 +256,8 @@ def render(r: DemoReport) -> str:
             f"   output buffering:             {r.netbuf_device if r.netbuf else 'off (-n -F)'}",
             f"   acknowledged writes lost:     {r.acknowledged_writes_lost}"
             + ("" if r.netbuf else "   (network buffering was OFF)"),
+            f"   disk and memory consistent:   {'yes' if r.disk_consistent else 'NO'} "
+            f"({r.disk_journal})",
         ]
     )
 
@@ -272,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     print(json.dumps(asdict(report), indent=2) if args.json else render(report))
-    return 0 if report.acknowledged_writes_lost == 0 or args.no_netbuf else 1
+    safe = report.acknowledged_writes_lost == 0 or args.no_netbuf
+    return 0 if safe and report.disk_consistent else 1
 
 
 if __name__ == "__main__":

@@ -76,8 +76,14 @@ class Hypervisor(abc.ABC):
         """The device model's log-dirty mode (HVM); a no-op where there is none."""
 
     @abc.abstractmethod
-    def create_restore_target(self, config: dict[str, Any], name: str) -> DomainInfo:
-        """An empty, paused domain for an incoming stream."""
+    def create_restore_target(
+        self, config: dict[str, Any], name: str, replica_disk: bool = False
+    ) -> DomainInfo:
+        """An empty, paused domain for an incoming stream.
+
+        ``replica_disk``: its disks are this host's replicas, filled by disk
+        replication, rather than the images the configuration names.
+        """
 
     @abc.abstractmethod
     async def finish_restore(self, domid: int) -> DomainInfo:

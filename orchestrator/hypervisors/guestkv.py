@@ -8,7 +8,9 @@ marks every page it writes *after* writing it, so a saver that clears a
 mark before copying the page never loses a write.
 
 Layout (little-endian):
-  page 0: magic "RKV1", u32 version, u64 slots, u64 keys, u64 generation
+  page 0: magic "RKV1", u32 version, u64 slots, u64 keys, u64 generation,
+          u64 journal sequence (the last record the service wrote to its disk
+          journal, ``guestjournal``: memory and disk agree on it after a checkpoint)
   pages 1..: slots of 256 bytes: u16 key length, u16 value length, u32 used,
              then key and value bytes (together at most 248)
   the last 1/16 of memory: scratch pages the service dirties on demand
@@ -25,7 +27,7 @@ SLOT: Final = 256
 SLOT_HDR: Final = struct.Struct("<HHI")
 MAX_ITEM: Final = SLOT - SLOT_HDR.size
 MAGIC: Final = b"RKV1"
-HEADER: Final = struct.Struct("<4sIQQQ")
+HEADER: Final = struct.Struct("<4sIQQQQ")
 
 
 class StoreFull(Exception):
@@ -44,14 +46,15 @@ class GuestKV:
         self.scratch_pages = max(1, self.pages // 16)
         self.scratch_start = self.pages - self.scratch_pages
         self._scratch_next = 0
-        magic, _version, slots, keys, gen = HEADER.unpack_from(memory, 0)
+        magic, _version, slots, keys, gen, jseq = HEADER.unpack_from(memory, 0)
         if magic == MAGIC:
             self.slots, self.keys, self.generation = slots, keys, gen
+            self.journal_seq = jseq
         else:
             self.slots = (self.scratch_start - 1) * (PAGE // SLOT)
             if self.slots <= 0:
                 raise BadItem(f"{self.pages} pages are too few for a store")
-            self.keys, self.generation = 0, 0
+            self.keys, self.generation, self.journal_seq = 0, 0, 0
             self._write_header()
 
     def _mark(self, offset: int, length: int) -> None:
@@ -59,7 +62,9 @@ class GuestKV:
         self.dirty[first : last + 1] = b"\x01" * (last - first + 1)
 
     def _write_header(self) -> None:
-        HEADER.pack_into(self.mem, 0, MAGIC, 1, self.slots, self.keys, self.generation)
+        HEADER.pack_into(
+            self.mem, 0, MAGIC, 1, self.slots, self.keys, self.generation, self.journal_seq
+        )
         self._mark(0, HEADER.size)
 
     def _slot_offset(self, i: int) -> int:
@@ -79,7 +84,9 @@ class GuestKV:
             i = (i + 1) % self.slots
         raise StoreFull(f"all {self.slots} slots are used")
 
-    def put(self, key: bytes, value: bytes) -> None:
+    def put(self, key: bytes, value: bytes, journal_seq: int | None = None) -> None:
+        if journal_seq is not None:
+            self.journal_seq = journal_seq
         if not key or len(key) + len(value) > MAX_ITEM:
             raise BadItem(f"key + value must be 1..{MAX_ITEM} bytes")
         i, found = self._find(key)

@@ -43,6 +43,8 @@ from .base import (
     SuspendTimeout,
 )
 from .simdomain import (
+    BLOCK_SIZE,
+    DEFAULT_DISK_MIB,
     DEFAULT_MEMORY_MIB,
     PAGE_SIZE,
     DomainState,
@@ -59,13 +61,26 @@ GUEST_PORT: Final = 7000
 START_TIMEOUT: Final = 15.0
 
 
-def libxl_config(name: str, uuid: str, domain_type: str, memory_bytes: int) -> dict[str, Any]:
+def libxl_config(
+    name: str, uuid: str, domain_type: str, memory_bytes: int, disk: str = ""
+) -> dict[str, Any]:
     """The parts of libxl's domain configuration JSON that a save file carries."""
     kb = memory_bytes // 1024
-    return {
+    config: dict[str, Any] = {
         "c_info": {"type": domain_type, "name": name, "uuid": uuid},
         "b_info": {"max_memkb": kb, "target_memkb": kb, "max_vcpus": 1},
     }
+    if disk:
+        config["disks"] = [{"pdev_path": disk, "vdev": "xvda", "format": "raw", "readwrite": 1}]
+    return config
+
+
+def config_disk(config: dict[str, Any]) -> str:
+    """The first disk's image path in a libxl config, "" for none."""
+    disks = config.get("disks") or []
+    if disks and isinstance(disks[0], dict):
+        return str(disks[0].get("pdev_path") or "")
+    return ""
 
 
 def have_netns() -> bool:
@@ -127,7 +142,7 @@ class SimHypervisor(Hypervisor):
             cfg.memory_bytes,
             state,
             st.reason.value,
-            libxl_config(cfg.name, cfg.uuid, cfg.domain_type, cfg.memory_bytes),
+            libxl_config(cfg.name, cfg.uuid, cfg.domain_type, cfg.memory_bytes, cfg.disk),
             address,
         )
 
@@ -153,9 +168,11 @@ class SimHypervisor(Hypervisor):
         memory_mib: int = DEFAULT_MEMORY_MIB,
         domain_type: str = "pv",
         dirty_rate: int = 0,
+        disk_mib: int = DEFAULT_DISK_MIB,
     ) -> DomainInfo:
-        """`xl create`: a new domain with a fresh guest service."""
-        dom = self._allocate(name, memory_mib * (1 << 20) // PAGE_SIZE, domain_type)
+        """`xl create`: a new domain with a fresh guest service and a blank disk."""
+        disk = self._new_disk(name, disk_mib * (1 << 20)) if disk_mib else None
+        dom = self._allocate(name, memory_mib * (1 << 20) // PAGE_SIZE, domain_type, disk=disk)
         try:
             self._start_guest(dom, dirty_rate)
         except BaseException:
@@ -163,25 +180,65 @@ class SimHypervisor(Hypervisor):
             raise
         return self._info(dom)
 
+    def _new_disk(self, name: str, size: int) -> Path:
+        """A blank raw image (sparse) for a new domain's xvda."""
+        if not name or "/" in name:
+            raise HypervisorError(f"bad domain name {name!r}")
+        if size % BLOCK_SIZE:
+            raise HypervisorError(f"disk size {size} is not a multiple of {BLOCK_SIZE}")
+        path = self.host / "disks" / f"{name}.img"
+        path.parent.mkdir(exist_ok=True)
+        with open(path, "wb") as f:
+            f.truncate(size)
+        return path
+
     def _allocate(
-        self, name: str, pages: int, domain_type: str, uuid: str | None = None
+        self,
+        name: str,
+        pages: int,
+        domain_type: str,
+        uuid: str | None = None,
+        disk: Path | None = None,
     ) -> SimDomain:
         if not name or "/" in name:
             raise HypervisorError(f"bad domain name {name!r}")
         with self._locked():
             if any(d.name == name for d in self.list_domains()):
                 raise HypervisorError(f"domain {name!r} already exists on {self.host}")
-            return SimDomain.create(self.host, self._new_domid(), name, pages, domain_type, uuid)
+            return SimDomain.create(
+                self.host, self._new_domid(), name, pages, domain_type, uuid, disk
+            )
 
-    def create_restore_target(self, config: dict[str, Any], name: str) -> DomainInfo:
+    def create_restore_target(
+        self, config: dict[str, Any], name: str, replica_disk: bool = False
+    ) -> DomainInfo:
+        """A paused, empty domain to restore into.
+
+        Its disk: the image the configuration names, which a restore on the
+        same host finds where the saved domain left it; or, for a Remus
+        secondary (``replica_disk``), this host's own copy of it.
+        """
         try:
             kb = int(config["b_info"]["max_memkb"])
             dtype = str(config["c_info"].get("type", "pv"))
             uuid = config["c_info"].get("uuid")
         except (KeyError, TypeError, ValueError) as exc:
             raise HypervisorError(f"domain config lacks {exc}: cannot size the domain") from None
-        dom = self._allocate(name, kb * 1024 // PAGE_SIZE, dtype, uuid)
+        disk: Path | None = None
+        if config_disk(config) and replica_disk:
+            # this host's copy of the disk; disk replication (DiskReplica) blanks and
+            # fills it, and without replication it is whatever this host last had
+            disk = self.host / "disks" / f"{name}.img"
+            disk.parent.mkdir(exist_ok=True)
+            disk.touch()
+        elif config_disk(config):
+            disk = Path(config_disk(config))
+        dom = self._allocate(name, kb * 1024 // PAGE_SIZE, dtype, uuid, disk)
         return self._info(dom)
+
+    def disk_of(self, domid: int) -> SimDomain:
+        """The domain's handle, for the disk replication device (image and dirty map)."""
+        return self._domain(domid)
 
     async def finish_restore(self, domid: int) -> DomainInfo:
         dom = self._domain(domid)

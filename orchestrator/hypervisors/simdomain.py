@@ -12,6 +12,15 @@ state directory::
         memory        guest memory, 4 KiB pages, shared with mmap
         dirty         log-dirty map: one byte per page (1 = dirtied)
         vcpu          vCPU context blob
+        disk.dirty    the block backend's dirty map: one byte per disk block
+
+    <host>/disks/<name>.img   the domain's virtual disk (xvda), raw, 4 KiB blocks
+
+The disk image lives outside the domain directory, as a Xen domain's disk
+lives outside the domain: it outlives a destroy, and a domain restored from
+a save file on the same host finds it again through its configuration.
+Whoever writes a block marks it in ``disk.dirty`` (as blktap's tapdisk would
+see the write go past), which is what Remus's disk replication sends.
 
 One byte per page (not one bit) so that the guest setting a page's mark and
 the saver clearing another page's mark never race on a shared byte.
@@ -30,6 +39,8 @@ from pathlib import Path
 from typing import Final
 
 PAGE_SIZE: Final = 4096
+BLOCK_SIZE: Final = 4096
+DEFAULT_DISK_MIB: Final = 4
 DEFAULT_MEMORY_MIB: Final = 128
 HOST_ENV: Final = "REMUS_SIM_HOST"
 
@@ -66,6 +77,7 @@ class DomainConfig:
     domid: int
     domain_type: str  # "pv" or "hvm"
     pages: int
+    disk: str = ""  # path of the raw disk image, "" for a diskless domain
 
     @property
     def memory_bytes(self) -> int:
@@ -115,10 +127,13 @@ class SimDomain:
         pages: int,
         domain_type: str = "pv",
         uuid: str | None = None,
+        disk: Path | None = None,
     ) -> SimDomain:
         path = host / "domains" / str(domid)
         path.mkdir(parents=True, exist_ok=False)
-        config = DomainConfig(name, uuid or str(uuidlib.uuid4()), domid, domain_type, pages)
+        config = DomainConfig(
+            name, uuid or str(uuidlib.uuid4()), domid, domain_type, pages, str(disk or "")
+        )
         with open(path / "memory", "wb") as f:
             f.truncate(config.memory_bytes)
         with open(path / "dirty", "wb") as f:
@@ -151,6 +166,31 @@ class SimDomain:
     @property
     def dirty(self) -> mmap.mmap:
         return self._map("dirty", self.config.pages)
+
+    @property
+    def disk_path(self) -> Path | None:
+        return Path(self.config.disk) if self.config.disk else None
+
+    @property
+    def disk_blocks(self) -> int:
+        d = self.disk_path
+        return d.stat().st_size // BLOCK_SIZE if d is not None and d.exists() else 0
+
+    def disk_dirty(self) -> mmap.mmap:
+        """The block dirty map, (re)sized to the image: a replica's image is sized late."""
+        blocks = self.disk_blocks
+        if blocks == 0:
+            raise ValueError(f"domain {self.config.name} has no disk")
+        f = self.path / "disk.dirty"
+        m = self._maps.get("disk.dirty")
+        if m is not None and len(m) == blocks:
+            return m
+        if m is not None:
+            m.close()
+            del self._maps["disk.dirty"]
+        with open(f, "ab") as fh:
+            fh.truncate(blocks)
+        return self._map("disk.dirty", blocks)
 
     @property
     def _state_map(self) -> mmap.mmap:

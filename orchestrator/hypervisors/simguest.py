@@ -2,8 +2,13 @@
 that lives entirely in the domain's memory (``guestkv``).
 
 Protocol (TCP, one request per line): ``PUT key value`` -> ``OK`` once the
-write is in guest memory and marked dirty; ``GET key`` -> ``VALUE value`` or
-``NOTFOUND``; ``STATS`` -> ``KEYS n GENERATION g``.
+write is in the disk journal (when the domain has a disk) and in guest
+memory, both marked dirty; ``GET key`` -> ``VALUE value`` or ``NOTFOUND``;
+``STATS`` -> ``KEYS n GENERATION g``; ``JGET key`` -> the newest value of
+``key`` in the disk journal; ``JSTATS`` -> ``JOURNAL SEQ s RECORDS n MEMORY m
+CONSISTENT yes|no`` (the journal's newest record against the sequence number
+memory remembers writing: they differ when disk and memory come from
+different instants).
 
 Suspend is cooperative, as for a PV guest: the toolstack writes ``S`` to the
 domain's event-channel socket; the guest finishes the request in hand (its
@@ -26,6 +31,7 @@ import signal
 import sys
 from pathlib import Path
 
+from .guestjournal import BLOCK, Journal
 from .guestkv import BadItem, GuestKV, StoreFull
 from .simdomain import DomainState, RunState, ShutdownReason, SimDomain
 
@@ -39,6 +45,21 @@ class Guest:
         self.running = asyncio.Event()
         self.running.set()
         self.dirty_rate = dirty_rate
+        self.journal: Journal | None = None
+        path = dom.disk_path
+        if path is not None and dom.disk_blocks:
+            self._disk_fd = os.open(path, os.O_RDWR)
+            self._disk_dirty = dom.disk_dirty()
+            self.journal = Journal(dom.disk_blocks, self._disk_write, self._disk_read)
+
+    def _disk_write(self, offset: int, data: bytes) -> None:
+        # the block backend's view: the write reaches the image, then the block is marked
+        os.pwrite(self._disk_fd, data, offset)
+        first, last = offset // BLOCK, (offset + len(data) - 1) // BLOCK
+        self._disk_dirty[first : last + 1] = b"\x01" * (last - first + 1)
+
+    def _disk_read(self, offset: int, length: int) -> bytes:
+        return os.pread(self._disk_fd, length, offset)
 
     async def serve_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -58,11 +79,28 @@ class Guest:
         try:
             if verb == b"PUT":
                 key, _, value = rest.partition(b" ")
-                self.kv.put(key, value)
+                if self.journal is None:
+                    self.kv.put(key, value)
+                    return b"OK\n"
+                seq = self.kv.journal_seq + 1
+                self.journal.append(seq, key, value)  # write-ahead: disk, then memory
+                self.kv.put(key, value, journal_seq=seq)
                 return b"OK\n"
             if verb == b"GET":
                 found = self.kv.get(rest)
                 return b"NOTFOUND\n" if found is None else b"VALUE " + found + b"\n"
+            if verb in (b"JGET", b"JSTATS"):
+                if self.journal is None:
+                    return b"ERROR no disk\n"
+                newest, count, latest = self.journal.scan()
+                if verb == b"JGET":
+                    item = latest.get(rest)
+                    return b"NOTFOUND\n" if item is None else b"VALUE " + item[1] + b"\n"
+                ok = "yes" if newest == self.kv.journal_seq else "no"
+                return (
+                    f"JOURNAL SEQ {newest} RECORDS {count} MEMORY {self.kv.journal_seq} "
+                    f"CONSISTENT {ok}\n".encode()
+                )
             if verb == b"STATS":
                 return f"KEYS {self.kv.keys} GENERATION {self.kv.generation}\n".encode()
         except (BadItem, StoreFull) as exc:

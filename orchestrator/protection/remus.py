@@ -10,8 +10,10 @@ libxl's reader phases and ACKs a checkpoint only once it is complete and
 applied. When heartbeats stop or the stream breaks it fails over: the
 helper finishes from the last complete checkpoint and the guest starts.
 
-Not here yet (issue 6): output buffering devices, disk buffering, the CLI
-verbs and the demo; this module is the replication loop they plug into.
+Checkpoint devices (output buffers, the disk sender) plug into the primary's
+callbacks; the disk's secondary half (:class:`DiskReplica`) plugs into the
+secondary's checkpoint callback, which applies a checkpoint's disk blocks
+before it ACKs and before libxc applies the checkpoint's memory.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..devices.base import CheckpointDevice
+from ..devices.disk import DiskReplica, DiskReplicaError
 from ..hypervisors.base import DomainInfo, Hypervisor
 from ..savehelper import (
     Callbacks,
@@ -48,6 +51,7 @@ from ..transport.control import (
     Ack,
     ControlConnection,
     ControlError,
+    DiskWrites,
     Failover,
     Heartbeat,
     Hello,
@@ -256,7 +260,8 @@ class RemusPrimary:
         return 1
 
     async def run(self) -> RemusStatus:
-        hello = Hello(self.domain.uuid, self.domain.config, ("ack",))
+        caps = ("ack", "disk") if any(d.name == "disk" for d in self.devices) else ("ack",)
+        hello = Hello(self.domain.uuid, self.domain.config, caps)
         await self.ctl.hello(hello, self.settings.ack_timeout)
         await asyncio.to_thread(
             _send_all, self.stream, libxl.Header().encode() + libxl.LIBXC_CONTEXT_RECORD
@@ -302,9 +307,12 @@ class RemusSecondary:
         control: Control,
         settings: RemusSettings,
         name: str | None = None,
+        disk_replica: Callable[[DomainInfo], DiskReplica] | None = None,
     ) -> None:
         self.hv, self.stream, self.ctl, self.settings = hv, stream, control, settings
         self.name = name
+        self._make_replica = disk_replica
+        self.replica: DiskReplica | None = None
         self.status = RemusStatus()
         self.reader = CheckpointReader()
         self.target: DomainInfo | None = None
@@ -352,6 +360,18 @@ class RemusSecondary:
             return int(CheckpointReply.ERROR)
         digest = hashlib.sha256(b"".join(bytes(r.body) for r in result.records))
         digest.update(result.seq.to_bytes(8, "little"))
+        if self.replica is not None:
+            # the checkpoint is complete only with its disk blocks: apply them before
+            # the ACK, and before libxc applies its memory (on our SUCCESS reply)
+            try:
+                await self.replica.wait(result.seq, self.settings.ack_timeout)
+                digest.update(await asyncio.to_thread(self.replica.apply, result.seq))
+            except (TimeoutError, DiskReplicaError) as exc:
+                self.status.reason = (
+                    f"checkpoint {result.seq}: disk blocks incomplete "
+                    f"({exc or 'not in within ' + str(self.settings.ack_timeout) + ' s'})"
+                )
+                return int(CheckpointReply.FAILOVER)
         outcome = self.reader.applied()
         self.status.checkpoints = outcome.seq
         self.status.last_checkpoint_at = time.time()
@@ -371,11 +391,15 @@ class RemusSecondary:
         try:
             while True:
                 event = await self.ctl.next()
-                if isinstance(event, Shutdown):
+                if isinstance(event, DiskWrites):
+                    if self.replica is None:
+                        raise ControlError(0, "DISK", "disk replication was not announced")
+                    self.replica.receive(event)
+                elif isinstance(event, Shutdown):
                     self.unprotected = True
                     self.status.reason = f"primary ended replication: {event.reason}"
                     return
-        except (ConnectionError, ControlError) as exc:
+        except (ConnectionError, ControlError, DiskReplicaError) as exc:
             self.status.reason = f"control: {exc}"
         finally:
             self._break_stream()
@@ -395,11 +419,15 @@ class RemusSecondary:
             self._broken = True
             with contextlib.suppress(OSError):
                 self.stream.shutdown(socket.SHUT_RDWR)
+            if self.replica is not None:
+                self.replica.abort()
 
     async def run(self) -> DomainInfo:
         peer = await self.ctl.hello(Hello("secondary", {}, ("ack",)), self.settings.ack_timeout)
         name = self.name or str(peer.config.get("c_info", {}).get("name", "remus-secondary"))
-        self.target = self.hv.create_restore_target(peer.config, name)
+        self.target = self.hv.create_restore_target(peer.config, name, replica_disk=True)
+        if "disk" in peer.capabilities and self._make_replica is not None:
+            self.replica = self._make_replica(self.target)
         try:
             await asyncio.to_thread(self._read_prelude)
             watch = asyncio.create_task(self._watch_heartbeats())
@@ -424,6 +452,12 @@ class RemusSecondary:
                     if self.reader.complete == 0
                     else f"restore helper failed: retval {result.retval}"
                 )
+            if self.replica is not None:
+                dropped = self.replica.discard()
+                if dropped:
+                    log.info(
+                        "failover: %d disk blocks of an incomplete checkpoint dropped", dropped
+                    )
             self.status.state = "failed-over"
             return await self.hv.finish_restore(self.target.domid)
         except BaseException:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..devices.base import CheckpointDevice
+from ..devices.disk import DiskReplica, DiskSender
 from ..devices.netbuf_nfqueue import NfqueueNetbuf, nfqueue_available
 from ..devices.netbuf_plug import PlugNetbuf, plug_available
 from ..devices.netbuf_proxy import ProxyNetbuf
@@ -99,7 +100,12 @@ def choose_netbuf(hv: SimHypervisor, domid: int, mode: str) -> str:
 
 
 async def run_primary(
-    hv: SimHypervisor, name: str, to: str, settings: RemusSettings, netbuf: str = "auto"
+    hv: SimHypervisor,
+    name: str,
+    to: str,
+    settings: RemusSettings,
+    netbuf: str = "auto",
+    disk: bool = True,
 ) -> RemusStatus:
     info = hv.lookup(name)
     devices: list[CheckpointDevice] = []
@@ -121,12 +127,20 @@ async def run_primary(
         proxy = ProxyNetbuf(info.address)
         devices.append(proxy)
     stream, ctl = await connect(to, info.uuid)
+    disk_sender: DiskSender | None = None
+    if disk and hv.disk_of(info.domid).disk_blocks:
+        disk_sender = DiskSender(hv.disk_of(info.domid), ctl.send)
+        devices.append(disk_sender)
     primary = RemusPrimary(hv, info, stream, ctl, settings, devices)
     path = status_path(hv, name)
 
     def make() -> dict[str, Any]:
         held = netdev.held_packets if netdev else None
         extra: dict[str, Any] = {"peer": to, "netbuf": mode, "held_packets": held}
+        if disk_sender is not None:
+            sent = disk_sender.stats.blocks_sent[-200:][1:]  # not the initial sync
+            extra["disk_blocks_p50"] = statistics.median(sent) if sent else None
+        extra["disk"] = "replicated" if disk_sender is not None else "not replicated"
         if proxy is not None:
             # with the proxy, clients must come through it for their output to be held
             extra.update(service_address=proxy.address, held_bytes=proxy.held_bytes)
@@ -163,7 +177,9 @@ async def run_secondary(hv: SimHypervisor, listen: str, settings: RemusSettings)
     print(f"receiving on {host}:{listener.port}", flush=True)
     pid, stream, ctl = await listener.pairs.get()
     listener.close()
-    secondary = RemusSecondary(hv, stream, ctl, settings)
+    secondary = RemusSecondary(
+        hv, stream, ctl, settings, disk_replica=lambda t: DiskReplica(hv.disk_of(t.domid))
+    )
     name_box: dict[str, str] = {"name": pid}
 
     def make() -> dict[str, Any]:

@@ -35,6 +35,7 @@ class FrameType(IntEnum):
     FAILOVER = 4
     SHUTDOWN = 5
     STATS = 6
+    DISK = 7
 
 
 @dataclass(frozen=True)
@@ -74,10 +75,29 @@ class Stats:
     values: dict[str, Any]
 
 
-Event = Hello | Ack | Heartbeat | Failover | Shutdown | Stats
+@dataclass(frozen=True)
+class DiskWrites:
+    """Blocks the primary's guest wrote before checkpoint ``seq``'s suspend.
+
+    One checkpoint's blocks may span several frames (a frame is at most
+    MAX_BODY); ``last`` marks the final one. ``total_blocks`` is the disk's
+    size, so that the secondary can size its replica from the first frame.
+    """
+
+    seq: int
+    total_blocks: int
+    blocks: tuple[tuple[int, bytes], ...]
+    last: bool
+    block_size: int = 4096
+
+
+Event = Hello | Ack | Heartbeat | Failover | Shutdown | Stats | DiskWrites
 
 _ACK: Final = struct.Struct("<Q32s")
 _HEARTBEAT: Final = struct.Struct("<QQ")
+# seq, total blocks, block size, count, flags (bit 0: last frame of the checkpoint)
+_DISK: Final = struct.Struct("<QQIII")
+DISK_FRAME_BLOCKS: Final = 64  # 256 KiB of 4 KiB blocks: well under MAX_BODY
 
 
 def encode_event(event: Event) -> bytes:
@@ -101,6 +121,22 @@ def encode_event(event: Event) -> bytes:
         ftype, body = FrameType.FAILOVER, event.reason.encode()
     elif isinstance(event, Shutdown):
         ftype, body = FrameType.SHUTDOWN, event.reason.encode()
+    elif isinstance(event, DiskWrites):
+        ftype = FrameType.DISK
+        numbers = struct.pack(f"<{len(event.blocks)}Q", *(b for b, _ in event.blocks))
+        body = b"".join(
+            (
+                _DISK.pack(
+                    event.seq,
+                    event.total_blocks,
+                    event.block_size,
+                    len(event.blocks),
+                    int(event.last),
+                ),
+                numbers,
+                *(data for _, data in event.blocks),
+            )
+        )
     else:
         ftype, body = FrameType.STATS, json.dumps(event.values).encode()
     return RECORD_HEADER.pack(ftype, len(body)) + body + padding_for(len(body))
@@ -141,7 +177,28 @@ def _decode(ftype: int, body: bytes) -> Event:
         if not isinstance(values, dict):
             raise ValueError("STATS is not an object")
         return Stats(values)
+    if ftype == FrameType.DISK:
+        return _decode_disk(body)
     raise ValueError("unknown frame type")
+
+
+def _decode_disk(body: bytes) -> DiskWrites:
+    if len(body) < _DISK.size:
+        raise ValueError(f"DISK body of {len(body)} bytes is shorter than its header")
+    seq, total, bsize, count, flags = _DISK.unpack_from(body)
+    if bsize == 0 or bsize & (bsize - 1) or bsize > 65536:
+        raise ValueError(f"DISK block size {bsize} is not a power of two <= 65536")
+    want = _DISK.size + 8 * count + bsize * count
+    if len(body) != want:
+        raise ValueError(f"DISK body of {len(body)} bytes != {want} for {count} blocks")
+    numbers = struct.unpack_from(f"<{count}Q", body, _DISK.size)
+    if any(n >= total for n in numbers):
+        raise ValueError(f"DISK block number beyond the disk's {total} blocks")
+    base = _DISK.size + 8 * count
+    blocks = tuple(
+        (n, body[base + i * bsize : base + (i + 1) * bsize]) for i, n in enumerate(numbers)
+    )
+    return DiskWrites(seq, total, blocks, bool(flags & 1), bsize)
 
 
 class State(Enum):
@@ -157,6 +214,7 @@ TRANSITIONS: Final[dict[tuple[State, type], State]] = {
     (State.ESTABLISHED, Ack): State.ESTABLISHED,
     (State.ESTABLISHED, Heartbeat): State.ESTABLISHED,
     (State.ESTABLISHED, Stats): State.ESTABLISHED,
+    (State.ESTABLISHED, DiskWrites): State.ESTABLISHED,
     (State.ESTABLISHED, Failover): State.ESTABLISHED,
     (State.ESTABLISHED, Shutdown): State.CLOSED,
 }

@@ -30,6 +30,7 @@ needs_root_and_nfqueue = pytest.mark.skipif(
 @pytest.mark.timeout(60 + 12 * RUNS)  # about 3 s a run; the suite's 300 s default is too short
 def test_no_acknowledged_write_is_lost_over_many_random_kills(tmp_path: Path) -> None:
     lost_runs = []
+    torn_runs = []
     total_acked = 0
     for run in range(RUNS):
         report = asyncio.run(
@@ -39,7 +40,10 @@ def test_no_acknowledged_write_is_lost_over_many_random_kills(tmp_path: Path) ->
         assert report.checkpoints >= 2
         if report.acknowledged_writes_lost:
             lost_runs.append((run, report.acknowledged_writes_lost, report.lost_keys_sample))
+        if not report.disk_consistent:
+            torn_runs.append((run, report.disk_journal))
     assert lost_runs == [], f"acknowledged writes lost in {len(lost_runs)} of {RUNS} runs"
+    assert torn_runs == [], f"disk and memory from different instants: {torn_runs}"
     assert total_acked > RUNS * 10  # the clients really were writing
 
 
