@@ -167,12 +167,26 @@ def cmd_protect(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if args.b:
-        print("remusctl: -b (replicate to /dev/null) is not supported yet", file=sys.stderr)
+        print(
+            "remusctl: WARNING: -b: checkpoints go to /dev/null: there is no secondary "
+            "and nothing to fail over to",
+            file=sys.stderr,
+        )
+    elif not args.to:
+        print("remusctl: protect needs --to HOST[:PORT] (or -b -F)", file=sys.stderr)
         return 2
     hv = _hypervisor(args)
     netbuf = "none" if args.n else args.netbuf
     status = asyncio.run(
-        run_primary(hv, args.name, args.to, _settings(args), netbuf, disk=not args.d)
+        run_primary(
+            hv,
+            args.name,
+            args.to or "",
+            _settings(args),
+            netbuf,
+            disk=not args.d,
+            blackhole=args.b,
+        )
     )
     print(
         f"replication of {args.name} ended after {status.checkpoints} checkpoints: "
@@ -284,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("protect", help="replicate a domain to a secondary (Remus)")
     pr.add_argument("name")
-    pr.add_argument("--to", required=True, help="HOST[:PORT] of `remusctl receive`")
+    pr.add_argument("--to", help="HOST[:PORT] of `remusctl receive`")
     pr.add_argument(
         "-i",
         dest="interval",

@@ -154,10 +154,13 @@ class RemusPrimary:
         hv: Hypervisor,
         domain: DomainInfo,
         stream: socket.socket,
-        control: Control,
+        control: Control | None,
         settings: RemusSettings,
         devices: Sequence[CheckpointDevice] = (),
     ) -> None:
+        """``control`` None is `xl remus -b`: the stream goes to a sink, nobody ACKs,
+        and each checkpoint commits as soon as it is written (unsafe: debugging and
+        measuring the checkpoint cost alone)."""
         self.hv, self.domain = hv, domain
         self.stream, self.ctl, self.settings = stream, control, settings
         self.devices = list(devices)
@@ -173,6 +176,7 @@ class RemusPrimary:
         self._pages_this_checkpoint = 0
 
     async def _control_reader(self) -> None:
+        assert self.ctl is not None
         try:
             while True:
                 event = await self.ctl.next()
@@ -238,6 +242,8 @@ class RemusPrimary:
         sent = time.perf_counter()
         try:
             await _send_nowait(self.stream, libxl.CHECKPOINT_END_RECORD)
+            if self.ctl is None:  # -b: nobody to wait for
+                fut.set_result(Ack(seq, b""))
             await asyncio.wait_for(fut, self.settings.ack_timeout)
         except TimeoutError:
             self.status.reason = f"no ACK for checkpoint {seq} within {self.settings.ack_timeout} s"
@@ -262,15 +268,19 @@ class RemusPrimary:
     async def run(self) -> RemusStatus:
         caps = ("ack", "disk") if any(d.name == "disk" for d in self.devices) else ("ack",)
         hello = Hello(self.domain.uuid, self.domain.config, caps)
-        await self.ctl.hello(hello, self.settings.ack_timeout)
+        if self.ctl is not None:
+            await self.ctl.hello(hello, self.settings.ack_timeout)
         await asyncio.to_thread(
             _send_all, self.stream, libxl.Header().encode() + libxl.LIBXC_CONTEXT_RECORD
         )
         for dev in self.devices:
             await dev.setup()
-        reader = asyncio.create_task(self._control_reader())
-        beats = asyncio.create_task(_heartbeats(self.ctl, self.settings.heartbeat_interval))
-        dog = asyncio.create_task(self._watchdog())
+        tasks = [asyncio.create_task(self._watchdog())]
+        if self.ctl is not None:
+            tasks.append(asyncio.create_task(self._control_reader()))
+            tasks.append(
+                asyncio.create_task(_heartbeats(self.ctl, self.settings.heartbeat_interval))
+            )
         self.session = HelperSession(
             Mode.SAVE,
             Callbacks(suspend=self._suspend, postcopy=self._postcopy, checkpoint=self._checkpoint),
@@ -287,7 +297,7 @@ class RemusPrimary:
         except HelperFailed as exc:
             self.status.reason = self.status.reason or str(exc)
         finally:
-            for task in (beats, reader, dog):
+            for task in tasks:
                 task.cancel()
             if self._suspended:  # a failure mid-checkpoint: the guest carries on here
                 with contextlib.suppress(Exception):

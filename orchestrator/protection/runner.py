@@ -13,7 +13,9 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import statistics
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -27,7 +29,7 @@ from ..devices.netbuf_proxy import ProxyNetbuf
 from ..hypervisors.sim import SimHypervisor
 from ..transport.channels import Listener, connect, parse_addr
 from ..transport.control import Shutdown
-from .remus import RemusPrimary, RemusSecondary, RemusSettings, RemusStatus
+from .remus import Control, RemusPrimary, RemusSecondary, RemusSettings, RemusStatus
 
 
 def status_path(hv: SimHypervisor, name: str) -> Path:
@@ -106,6 +108,7 @@ async def run_primary(
     settings: RemusSettings,
     netbuf: str = "auto",
     disk: bool = True,
+    blackhole: bool = False,
 ) -> RemusStatus:
     info = hv.lookup(name)
     devices: list[CheckpointDevice] = []
@@ -126,9 +129,15 @@ async def run_primary(
     elif mode == "proxy":
         proxy = ProxyNetbuf(info.address)
         devices.append(proxy)
-    stream, ctl = await connect(to, info.uuid)
+    sink: _Sink | None = None
+    ctl: Control | None
+    if blackhole:
+        sink = _Sink()
+        stream, ctl = sink.stream, None
+    else:
+        stream, ctl = await connect(to, info.uuid)
     disk_sender: DiskSender | None = None
-    if disk and hv.disk_of(info.domid).disk_blocks:
+    if ctl is not None and disk and hv.disk_of(info.domid).disk_blocks:
         disk_sender = DiskSender(hv.disk_of(info.domid), ctl.send)
         devices.append(disk_sender)
     primary = RemusPrimary(hv, info, stream, ctl, settings, devices)
@@ -137,6 +146,8 @@ async def run_primary(
     def make() -> dict[str, Any]:
         held = netdev.held_packets if netdev else None
         extra: dict[str, Any] = {"peer": to, "netbuf": mode, "held_packets": held}
+        if sink is not None:
+            extra.update(peer="blackhole (-b)", stream_bytes=sink.received)
         if disk_sender is not None:
             sent = disk_sender.stats.blocks_sent[-200:][1:]  # not the initial sync
             extra["disk_blocks_p50"] = statistics.median(sent) if sent else None
@@ -154,8 +165,9 @@ async def run_primary(
     def unprotect() -> None:
         stopping.set()
         primary.status.reason = "unprotected"
-        with contextlib.suppress(Exception):
-            ctl.send(Shutdown("unprotect"))
+        if ctl is not None:
+            with contextlib.suppress(Exception):
+                ctl.send(Shutdown("unprotect"))
         if primary.session is not None:
             aborts.append(asyncio.ensure_future(primary.session.abort()))
 
@@ -166,8 +178,34 @@ async def run_primary(
         publisher.cancel()
         _write_json(path, make())
         stream.close()
-        ctl.close()
+        if ctl is not None:
+            ctl.close()
+        if sink is not None:
+            sink.close()
     return status
+
+
+class _Sink:
+    """`-b`: the stream's far end, read and thrown away (xl remus writes to /dev/null).
+
+    A socket rather than /dev/null itself, so the primary's stream code is the
+    same either way, and the bytes can be counted.
+    """
+
+    def __init__(self) -> None:
+        self.stream, self._far = socket.socketpair()
+        self.received = 0
+        self._thread = threading.Thread(target=self._drain, name="remus-blackhole", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        buf = bytearray(1 << 20)
+        with contextlib.suppress(OSError):
+            while n := self._far.recv_into(buf):
+                self.received += n
+
+    def close(self) -> None:
+        self._far.close()
 
 
 async def run_secondary(hv: SimHypervisor, listen: str, settings: RemusSettings) -> Any:

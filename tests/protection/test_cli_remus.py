@@ -68,3 +68,40 @@ def test_protect_status_failover_refusal_and_unprotect(
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_blackhole_needs_unsafe_and_checkpoints_to_nowhere(
+    hosts: tuple[SimHypervisor, SimHypervisor],
+) -> None:
+    a, _ = hosts
+    a.create_domain("web", memory_mib=16)
+    r = subprocess.run(remusctl(a.host, "protect", "web", "-b"), capture_output=True, text=True)
+    assert r.returncode == 2 and "-b requires -F" in r.stderr
+    r = subprocess.run(remusctl(a.host, "protect", "web"), capture_output=True, text=True)
+    assert r.returncode == 2 and "--to" in r.stderr
+    prot = subprocess.Popen(
+        remusctl(a.host, "protect", "web", "-b", "-F", "-i", "20", "--netbuf", "proxy"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        rows = status(a.host)
+        while time.monotonic() < deadline and not (rows and int(rows[0]["checkpoints"]) >= 5):  # type: ignore[call-overload]
+            time.sleep(0.1)
+            rows = status(a.host)
+        (p,) = rows
+        assert p["peer"] == "blackhole (-b)" and p["state"] == "replicating"
+        # the initial copy of 16 MiB went into the sink, then each checkpoint's pages
+        assert int(p["stream_bytes"]) > 16 << 20  # type: ignore[call-overload]
+        assert p["disk"] == "not replicated"
+        assert subprocess.run(remusctl(a.host, "unprotect", "web")).returncode == 0
+        out, err = prot.communicate(timeout=20)
+        assert prot.returncode == 0 and "unprotected" in out
+        assert "nothing to fail over to" in err
+        assert a.lookup("web").state == "running"
+    finally:
+        if prot.poll() is None:
+            prot.kill()
+            prot.wait()
