@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -62,8 +63,10 @@ def _blocks_with_data(fd: int, blocks: int) -> list[int]:
 
 @dataclass
 class DiskStats:
-    blocks_sent: list[int] = field(default_factory=list)  # per checkpoint
+    # per checkpoint after the first (which carries the initial synchronisation)
+    blocks_sent: deque[int] = field(default_factory=lambda: deque(maxlen=256))
     initial_blocks: int = 0
+    checkpoints: int = 0
 
 
 class DiskSender(CheckpointDevice):
@@ -100,7 +103,9 @@ class DiskSender(CheckpointDevice):
         if self._initial:  # the first checkpoint carries the whole disk's contents
             numbers = sorted(set(numbers).union(self._initial))
             self._initial = []
-        self.stats.blocks_sent.append(len(numbers))
+        self.stats.checkpoints += 1
+        if self.stats.checkpoints > 1:
+            self.stats.blocks_sent.append(len(numbers))
         chunks = [
             numbers[i : i + DISK_FRAME_BLOCKS] for i in range(0, len(numbers), DISK_FRAME_BLOCKS)
         ]

@@ -19,6 +19,7 @@ before it ACKs and before libxc applies the checkpoint's memory.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import hashlib
 import io
@@ -26,6 +27,7 @@ import logging
 import os
 import socket
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,15 +71,38 @@ class RemusSettings:
     heartbeat_timeout: float = 0.3
 
 
+# checkpoint pause histogram bounds, seconds (Prometheus `le` values)
+PAUSE_BUCKETS: tuple[float, ...] = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0
+)  # fmt: skip
+RECENT = 256  # samples kept for medians: a protection runs for months
+
+
 @dataclass
 class RemusStatus:
     state: str = "starting"
     checkpoints: int = 0
     last_checkpoint_at: float = 0.0
-    pause_seconds: list[float] = field(default_factory=list)
-    ack_lag_seconds: list[float] = field(default_factory=list)
-    dirty_pages: list[int] = field(default_factory=list)  # pages sent per checkpoint
+    pause_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
+    ack_lag_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
+    # pages sent per checkpoint after the first (which carries the whole memory)
+    dirty_pages: deque[int] = field(default_factory=lambda: deque(maxlen=RECENT))
+    initial_pages: int | None = None
+    # cumulative, never trimmed: counts per PAUSE_BUCKETS bound (and +Inf), sum
+    pause_counts: list[int] = field(default_factory=lambda: [0] * (len(PAUSE_BUCKETS) + 1))
+    pause_sum: float = 0.0
     reason: str = ""
+
+    def record_pause(self, seconds: float) -> None:
+        self.pause_seconds.append(seconds)
+        self.pause_sum += seconds
+        self.pause_counts[bisect.bisect_left(PAUSE_BUCKETS, seconds)] += 1
+
+    def record_pages(self, pages: int) -> None:
+        if self.initial_pages is None:
+            self.initial_pages = pages
+        else:
+            self.dirty_pages.append(pages)
 
 
 class Unprotected(Exception):
@@ -212,7 +237,7 @@ class RemusPrimary:
             self._pages_this_checkpoint += event.done
 
     async def _suspend(self) -> int:
-        self.status.dirty_pages.append(self._pages_this_checkpoint)
+        self.status.record_pages(self._pages_this_checkpoint)
         self._pages_this_checkpoint = 0
         self._suspended_at = time.perf_counter()
         await self.hv.suspend(self.domain.domid)
@@ -229,7 +254,7 @@ class RemusPrimary:
             await dev.preresume()
         await self.hv.resume(self.domain.domid)
         self._suspended = False
-        self.status.pause_seconds.append(time.perf_counter() - self._suspended_at)
+        self.status.record_pause(time.perf_counter() - self._suspended_at)
         return 1
 
     async def _checkpoint(self) -> int:

@@ -18,6 +18,7 @@ import statistics
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,13 @@ from ..devices.netbuf_proxy import ProxyNetbuf
 from ..hypervisors.sim import SimHypervisor
 from ..transport.channels import Listener, connect, parse_addr
 from ..transport.control import Shutdown
-from .remus import Control, RemusPrimary, RemusSecondary, RemusSettings, RemusStatus
+from .remus import PAUSE_BUCKETS, Control, RemusPrimary, RemusSecondary, RemusSettings, RemusStatus
 
 
-def status_path(hv: SimHypervisor, name: str) -> Path:
-    d = hv.host / "remus"
-    d.mkdir(exist_ok=True)
+def status_path(hv: SimHypervisor, name: str, status_dir: Path | None = None) -> Path:
+    """Where a protection publishes its status: ``<host>/remus`` unless remusd says."""
+    d = status_dir or hv.host / "remus"
+    d.mkdir(parents=True, exist_ok=True)
     return d / f"{name}.json"
 
 
@@ -45,9 +47,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def summarize(role: str, name: str, st: RemusStatus, extra: dict[str, Any]) -> dict[str, Any]:
-    pauses = st.pause_seconds[-200:]
-    dirty = st.dirty_pages[-200:][1:] if len(st.dirty_pages) > 1 else []  # not the full pass
-    lags = st.ack_lag_seconds[-200:]
+    pauses, dirty, lags = list(st.pause_seconds), list(st.dirty_pages), list(st.ack_lag_seconds)
     return {
         "name": name,
         "role": role,
@@ -61,6 +61,11 @@ def summarize(role: str, name: str, st: RemusStatus, extra: dict[str, Any]) -> d
         "ack_lag_ms_p50": round(statistics.median(lags) * 1e3, 3) if lags else None,
         "dirty_pages_p50": statistics.median(dirty) if dirty else None,
         "dirty_bytes_p50": statistics.median(dirty) * 4096 if dirty else None,
+        "pause_histogram": {
+            "le": list(PAUSE_BUCKETS),
+            "counts": list(st.pause_counts),
+            "sum": st.pause_sum,
+        },
         "reason": st.reason,
         "updated": time.time(),
         **extra,
@@ -109,6 +114,7 @@ async def run_primary(
     netbuf: str = "auto",
     disk: bool = True,
     blackhole: bool = False,
+    status_dir: Path | None = None,
 ) -> RemusStatus:
     info = hv.lookup(name)
     devices: list[CheckpointDevice] = []
@@ -141,7 +147,7 @@ async def run_primary(
         disk_sender = DiskSender(hv.disk_of(info.domid), ctl.send)
         devices.append(disk_sender)
     primary = RemusPrimary(hv, info, stream, ctl, settings, devices)
-    path = status_path(hv, name)
+    path = status_path(hv, name, status_dir)
 
     def make() -> dict[str, Any]:
         held = netdev.held_packets if netdev else None
@@ -149,7 +155,7 @@ async def run_primary(
         if sink is not None:
             extra.update(peer="blackhole (-b)", stream_bytes=sink.received)
         if disk_sender is not None:
-            sent = disk_sender.stats.blocks_sent[-200:][1:]  # not the initial sync
+            sent = list(disk_sender.stats.blocks_sent)
             extra["disk_blocks_p50"] = statistics.median(sent) if sent else None
         extra["disk"] = "replicated" if disk_sender is not None else "not replicated"
         if proxy is not None:
@@ -213,12 +219,28 @@ async def run_secondary(hv: SimHypervisor, listen: str, settings: RemusSettings)
     listener = Listener(host, port)
     await listener.start()
     print(f"receiving on {host}:{listener.port}", flush=True)
-    pid, stream, ctl = await listener.pairs.get()
+    _pid, stream, ctl = await listener.pairs.get()
     listener.close()
+    return await run_secondary_on(hv, stream, ctl, settings)
+
+
+async def run_secondary_on(
+    hv: SimHypervisor,
+    stream: socket.socket,
+    ctl: Control,
+    settings: RemusSettings,
+    status_dir: Path | None = None,
+    last_input: Callable[[], float] | None = None,
+) -> Any:
+    """The secondary of one protection, on connections someone else accepted.
+
+    ``last_input``: when the peer was last heard on any channel, for links
+    (``-s``) where control frames queue behind stream data.
+    """
     secondary = RemusSecondary(
         hv, stream, ctl, settings, disk_replica=lambda t: DiskReplica(hv.disk_of(t.domid))
     )
-    name_box: dict[str, str] = {"name": pid}
+    name_box: dict[str, str] = {"name": "incoming"}
 
     def make() -> dict[str, Any]:
         age = round(time.monotonic() - ctl.last_heard, 3)
@@ -233,7 +255,7 @@ async def run_secondary(hv: SimHypervisor, listen: str, settings: RemusSettings)
         await asyncio.sleep(0.01)
     if secondary.target is not None:
         name_box["name"] = secondary.target.name
-    path = status_path(hv, name_box["name"])
+    path = status_path(hv, name_box["name"], status_dir)
     publisher = asyncio.create_task(_publish(path, make))
     try:
         return await task

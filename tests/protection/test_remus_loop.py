@@ -93,7 +93,7 @@ def test_failover_keeps_every_checkpointed_write(
         got = await kv(restored.address, [b"GET k%d" % i for i in range(500)])
         assert got == [b"VALUE v%d" % i for i in range(500)]
         assert secondary.status.checkpoints >= done + 1
-        assert max(primary.status.dirty_pages[1:]) > 0  # the writes showed up as dirty pages
+        assert max(primary.status.dirty_pages) > 0  # the writes showed up as dirty pages
 
     asyncio.run(go())
 
