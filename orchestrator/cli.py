@@ -21,7 +21,12 @@ from .demo import main as demo_main
 from .hypervisors.base import HypervisorError
 from .hypervisors.sim import SimHypervisor
 from .protection.remus import RemusSettings, Unprotected
-from .protection.runner import add_netbuf_option, run_primary, run_secondary
+from .protection.runner import (
+    add_netbuf_option,
+    run_primary,
+    run_secondary,
+    run_secondary_stdio,
+)
 from .saverestore import SaveRestoreError, restore_domain, save_domain
 from .streams import Layer, StreamDecoder, StreamError, StreamType, libxc
 from .streams.dump import dump_lines
@@ -175,6 +180,11 @@ def cmd_protect(args: argparse.Namespace) -> int:
     elif not args.to:
         print("remusctl: protect needs --to HOST[:PORT] (or -b -F)", file=sys.stderr)
         return 2
+    command = None
+    if args.ssh is not None and not args.b:
+        # as xl: "CMD HOST remusctl receive --stdio", or with an empty CMD, HOST alone
+        receive = "remusctl receive --stdio" + (" -e" if args.e else "")
+        command = f"{args.ssh} {args.to} {receive}" if args.ssh else args.to
     hv = _hypervisor(args)
     netbuf = "none" if args.n else args.netbuf
     status = asyncio.run(
@@ -186,6 +196,7 @@ def cmd_protect(args: argparse.Namespace) -> int:
             netbuf,
             disk=not args.d,
             blackhole=args.b,
+            command=command,
         )
     )
     print(
@@ -198,7 +209,10 @@ def cmd_protect(args: argparse.Namespace) -> int:
 def cmd_receive(args: argparse.Namespace) -> int:
     hv = _hypervisor(args)
     try:
-        info = asyncio.run(run_secondary(hv, args.listen, _settings(args)))
+        if args.stdio:
+            info = asyncio.run(run_secondary_stdio(hv, _settings(args)))
+        else:
+            info = asyncio.run(run_secondary(hv, args.listen, _settings(args)))
     except Unprotected as exc:
         print(f"replication ended by the primary ({exc}); the secondary copy was dropped")
         return 0
@@ -313,10 +327,29 @@ def build_parser() -> argparse.ArgumentParser:
         ("-F", "allow unsafe"),
     ):
         pr.add_argument(flag, action="store_true", help=text)
+    pr.add_argument(
+        "-s",
+        dest="ssh",
+        metavar="CMD",
+        help='run the replication over `sh -c "CMD HOST remusctl receive --stdio"` '
+        "(e.g. ssh), as xl remus -s; with an empty CMD, --to is the whole command",
+    )
+    pr.add_argument(
+        "-e",
+        action="store_true",
+        help="passed to the remote receive, as xl: our receiver never waits in the "
+        "background for the domain's death in any case",
+    )
     add_netbuf_option(pr)
     pr.set_defaults(func=cmd_protect)
     rc = sub.add_parser("receive", help="be the secondary of one protection")
     rc.add_argument("--listen", default="127.0.0.1:8002")
+    rc.add_argument(
+        "--stdio",
+        action="store_true",
+        help="both channels over stdin/stdout (what `protect -s` runs on this host)",
+    )
+    rc.add_argument("-e", action="store_true", help=argparse.SUPPRESS)
     rc.add_argument("-i", dest="interval", type=float, default=200.0, help=argparse.SUPPRESS)
     rc.set_defaults(func=cmd_receive)
     stt = sub.add_parser("status", help="state of the protections on this host")

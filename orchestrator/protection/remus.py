@@ -343,8 +343,11 @@ class RemusSecondary:
         settings: RemusSettings,
         name: str | None = None,
         disk_replica: Callable[[DomainInfo], DiskReplica] | None = None,
+        last_input: Callable[[], float] | None = None,
     ) -> None:
         self.hv, self.stream, self.ctl, self.settings = hv, stream, control, settings
+        # over -s, control frames queue behind stream data: any byte proves life
+        self._last_input = last_input
         self.name = name
         self._make_replica = disk_replica
         self.replica: DiskReplica | None = None
@@ -442,7 +445,10 @@ class RemusSecondary:
     async def _watchdog(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval)
-            if time.monotonic() - self.ctl.last_heard > self.settings.heartbeat_timeout:
+            heard = self.ctl.last_heard
+            if self._last_input is not None:
+                heard = max(heard, self._last_input())
+            if time.monotonic() - heard > self.settings.heartbeat_timeout:
                 self.status.reason = (
                     f"no heartbeat for {self.settings.heartbeat_timeout:g} s: primary lost"
                 )

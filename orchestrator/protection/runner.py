@@ -30,6 +30,7 @@ from ..devices.netbuf_proxy import ProxyNetbuf
 from ..hypervisors.sim import SimHypervisor
 from ..transport.channels import Listener, connect, parse_addr
 from ..transport.control import Shutdown
+from ..transport.stdio import CommandLink, open_command, open_stdio
 from .remus import PAUSE_BUCKETS, Control, RemusPrimary, RemusSecondary, RemusSettings, RemusStatus
 
 
@@ -115,7 +116,10 @@ async def run_primary(
     disk: bool = True,
     blackhole: bool = False,
     status_dir: Path | None = None,
+    command: str | None = None,
 ) -> RemusStatus:
+    """``command``: the stream and control channels run over that shell command's
+    stdin and stdout (`xl remus -s`), instead of a TCP connection to ``to``."""
     info = hv.lookup(name)
     devices: list[CheckpointDevice] = []
     netdev: NfqueueNetbuf | None = None
@@ -137,9 +141,12 @@ async def run_primary(
         devices.append(proxy)
     sink: _Sink | None = None
     ctl: Control | None
+    link: CommandLink | None = None
     if blackhole:
         sink = _Sink()
         stream, ctl = sink.stream, None
+    elif command is not None:
+        stream, ctl, link = await open_command(command)
     else:
         stream, ctl = await connect(to, info.uuid)
     disk_sender: DiskSender | None = None
@@ -188,6 +195,8 @@ async def run_primary(
             ctl.close()
         if sink is not None:
             sink.close()
+        if link is not None:
+            link.close()
     return status
 
 
@@ -214,6 +223,15 @@ class _Sink:
         self._far.close()
 
 
+async def run_secondary_stdio(hv: SimHypervisor, settings: RemusSettings) -> Any:
+    """`remusctl receive --stdio`: both channels over our stdin and stdout (``-s``)."""
+    stream, ctl, link = await open_stdio()
+    try:
+        return await run_secondary_on(hv, stream, ctl, settings, last_input=lambda: link.last_input)
+    finally:
+        link.close()
+
+
 async def run_secondary(hv: SimHypervisor, listen: str, settings: RemusSettings) -> Any:
     host, port = parse_addr(listen)
     listener = Listener(host, port)
@@ -238,7 +256,12 @@ async def run_secondary_on(
     (``-s``) where control frames queue behind stream data.
     """
     secondary = RemusSecondary(
-        hv, stream, ctl, settings, disk_replica=lambda t: DiskReplica(hv.disk_of(t.domid))
+        hv,
+        stream,
+        ctl,
+        settings,
+        disk_replica=lambda t: DiskReplica(hv.disk_of(t.domid)),
+        last_input=last_input,
     )
     name_box: dict[str, str] = {"name": "incoming"}
 

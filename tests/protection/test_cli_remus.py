@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -21,6 +23,17 @@ def status(host: Path) -> list[dict[str, object]]:
     assert r.returncode == 0, r.stderr
     rows: list[dict[str, object]] = json.loads(r.stdout)
     return rows
+
+
+def wait_checkpoints(host: Path, n: int, timeout: float = 30) -> dict[str, object]:
+    """The primary's status row once it has made ``n`` checkpoints."""
+    deadline = time.monotonic() + timeout
+    rows = status(host)
+    while time.monotonic() < deadline and not (rows and int(rows[0]["checkpoints"]) >= n):  # type: ignore[call-overload]
+        time.sleep(0.05)
+        rows = status(host)
+    assert rows, f"no status on {host}"
+    return rows[0]
 
 
 def test_protect_status_failover_refusal_and_unprotect(
@@ -43,12 +56,7 @@ def test_protect_status_failover_refusal_and_unprotect(
             stderr=subprocess.PIPE,
             text=True,
         )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            rows = status(a.host)
-            if rows and int(rows[0]["checkpoints"]) >= 3:  # type: ignore[call-overload]
-                break
-            time.sleep(0.1)
+        wait_checkpoints(a.host, 3)
         (p,) = status(a.host)
         assert p["role"] == "primary" and p["state"] == "replicating"
         assert p["netbuf"] in ("nfqueue", "proxy") and p["pause_ms_p50"] is not None
@@ -86,12 +94,7 @@ def test_blackhole_needs_unsafe_and_checkpoints_to_nowhere(
         text=True,
     )
     try:
-        deadline = time.monotonic() + 20
-        rows = status(a.host)
-        while time.monotonic() < deadline and not (rows and int(rows[0]["checkpoints"]) >= 5):  # type: ignore[call-overload]
-            time.sleep(0.1)
-            rows = status(a.host)
-        (p,) = rows
+        p = wait_checkpoints(a.host, 5)
         assert p["peer"] == "blackhole (-b)" and p["state"] == "replicating"
         # the initial copy of 16 MiB went into the sink, then each checkpoint's pages
         assert int(p["stream_bytes"]) > 16 << 20  # type: ignore[call-overload]
@@ -105,3 +108,56 @@ def test_blackhole_needs_unsafe_and_checkpoints_to_nowhere(
         if prot.poll() is None:
             prot.kill()
             prot.wait()
+
+
+def _kv(address: str, lines: list[bytes]) -> list[bytes]:
+    import socket
+
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        f = s.makefile("rwb")
+        f.write(b"".join(line + b"\n" for line in lines))
+        f.flush()
+        return [f.readline().rstrip(b"\n") for _ in lines]
+
+
+def test_replication_over_a_command_pipe_fails_over_when_the_primary_dies(
+    hosts: tuple[SimHypervisor, SimHypervisor],
+) -> None:
+    """`-s ""`: --to is the whole command, as xl remus runs `sh -c HOST` (ssh in real use)."""
+    a, b = hosts
+    info = a.create_domain("web", memory_mib=16)
+    receive = " ".join(remusctl(b.host, "receive", "--stdio"))
+    prot = subprocess.Popen(
+        remusctl(a.host, "protect", "web", "-s", "", "--to", receive, "-i", "50"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        row = wait_checkpoints(a.host, 3)
+        assert row["state"] == "replicating", row
+        (s,) = status(b.host)
+        assert s["role"] == "secondary" and s["state"] == "replicating"
+        # written before the next checkpoints: they must survive the primary's death
+        assert set(_kv(info.address, [b"PUT k%d v%d" % (i, i) for i in range(50)])) == {b"OK"}
+        wait_checkpoints(a.host, int(row["checkpoints"]) + 3)  # type: ignore[call-overload]
+        # the primary host dies: the protect process and its guest
+        prot.kill()
+        gpid = int((a.host / "domains" / str(info.domid) / "guest.pid").read_text())
+        os.killpg(gpid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            doms = b.list_domains()
+            if doms and doms[0].state == "running" and doms[0].address:
+                break
+            time.sleep(0.1)
+        restored = b.lookup("web")
+        got = _kv(restored.address, [b"GET k%d" % i for i in range(50)])
+        assert got == [b"VALUE v%d" % i for i in range(50)]
+        (s,) = status(b.host)
+        assert s["state"] == "failed-over"
+    finally:
+        if prot.poll() is None:
+            prot.kill()
+        prot.wait()
