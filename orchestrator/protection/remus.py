@@ -403,7 +403,10 @@ class RemusSecondary:
             # the ACK, and before libxc applies its memory (on our SUCCESS reply)
             try:
                 await self.replica.wait(result.seq, self.settings.ack_timeout)
-                digest.update(await asyncio.to_thread(self.replica.apply, result.seq))
+                if self.replica.pending_blocks(result.seq):
+                    digest.update(await asyncio.to_thread(self.replica.apply, result.seq))
+                else:  # nothing to write: not worth a thread hop per idle checkpoint
+                    digest.update(self.replica.apply(result.seq))
             except (TimeoutError, DiskReplicaError) as exc:
                 self.status.reason = (
                     f"checkpoint {result.seq}: disk blocks incomplete "
@@ -486,6 +489,7 @@ class RemusSecondary:
                 watch.cancel()
                 dog.cancel()
             if self.unprotected:
+                self.status.state = "stopped"
                 raise Unprotected(self.status.reason)
             if not result.ok or self.reader.complete == 0:
                 raise RuntimeError(

@@ -276,8 +276,9 @@ async def run_secondary_on(
     task = asyncio.create_task(secondary.run())
     while secondary.target is None and not task.done():
         await asyncio.sleep(0.01)
-    if secondary.target is not None:
-        name_box["name"] = secondary.target.name
+    if secondary.target is None:
+        return await task  # failed before it had a domain: nothing to publish
+    name_box["name"] = secondary.target.name
     path = status_path(hv, name_box["name"], status_dir)
     publisher = asyncio.create_task(_publish(path, make))
     try:
