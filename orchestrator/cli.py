@@ -17,6 +17,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .apicmds import (
+    add_client_options,
+    api_events,
+    api_failover,
+    api_host_info,
+    api_pause,
+    api_protect,
+    api_status,
+    api_unprotect,
+    run_api,
+    status_table,
+    table,
+)
 from .demo import main as demo_main
 from .hypervisors.base import HypervisorError
 from .hypervisors.sim import SimHypervisor
@@ -92,14 +105,6 @@ def _hypervisor(args: argparse.Namespace) -> SimHypervisor:
     return SimHypervisor(Path(args.host) if args.host else None)
 
 
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-        for r in [header, *rows]
-    )
-
-
 def cmd_domain_create(args: argparse.Namespace) -> int:
     info = _hypervisor(args).create_domain(args.name, args.memory, dirty_rate=args.dirty_rate)
     print(f"domain {info.name} (domid {info.domid}) running; service at {info.address}")
@@ -123,7 +128,7 @@ def cmd_domain_list(args: argparse.Namespace) -> int:
         ]
         for d in domains
     ]
-    print(_table(rows, ["NAME", "ID", "STATE", "MEM(MiB)", "TYPE", "SERVICE", "UUID"]))
+    print(table(rows, ["NAME", "ID", "STATE", "MEM(MiB)", "TYPE", "SERVICE", "UUID"]))
     return 0
 
 
@@ -152,6 +157,14 @@ def _settings(args: argparse.Namespace) -> RemusSettings:
 
 
 def cmd_protect(args: argparse.Namespace) -> int:
+    if not args.foreground:
+        if args.b or args.ssh is not None:
+            print("remusctl: -b and -s run in this process: add --foreground", file=sys.stderr)
+            return 2
+        if not args.to:
+            print("remusctl: protect needs --to HOST[:PORT]", file=sys.stderr)
+            return 2
+        return run_api(api_protect, args)
     unsafe = [flag for flag, on in (("-b", args.b), ("-n", args.n), ("-d", args.d)) if on]
     if unsafe and not args.F:
         print(
@@ -231,23 +244,10 @@ def _statuses(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if not args.local:
+        return run_api(api_status, args)
     rows = _statuses(args)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    cols = [
-        "name",
-        "role",
-        "state",
-        "checkpoints",
-        "last_checkpoint_age",
-        "pause_ms_p50",
-        "ack_lag_ms_p50",
-        "dirty_pages_p50",
-        "held_packets",
-        "reason",
-    ]
-    print(_table([[str(r.get(c, "")) for c in cols] for r in rows], [c.upper() for c in cols]))
+    print(json.dumps(rows, indent=2) if args.json else status_table(rows))
     return 0
 
 
@@ -260,6 +260,8 @@ def _signal_protection(args: argparse.Namespace, role: str, sig: int) -> dict[st
 
 
 def cmd_failover(args: argparse.Namespace) -> int:
+    if not args.local:
+        return run_api(api_failover, args)
     for st in _statuses(args):
         age = st.get("last_heartbeat_age")
         if st["role"] == "secondary" and age is not None and age < 1.0 and not args.force:
@@ -274,6 +276,8 @@ def cmd_failover(args: argparse.Namespace) -> int:
 
 
 def cmd_unprotect(args: argparse.Namespace) -> int:
+    if not args.local:
+        return run_api(api_unprotect, args)
     _signal_protection(args, "primary", signal.SIGTERM)
     return 0
 
@@ -340,6 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="passed to the remote receive, as xl: our receiver never waits in the "
         "background for the domain's death in any case",
     )
+    pr.add_argument(
+        "--foreground",
+        action="store_true",
+        help="replicate from this process (as xl remus) instead of asking remusd",
+    )
+    pr.add_argument("--json", action="store_true")
+    add_client_options(pr)
     add_netbuf_option(pr)
     pr.set_defaults(func=cmd_protect)
     rc = sub.add_parser("receive", help="be the secondary of one protection")
@@ -352,17 +363,48 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("-e", action="store_true", help=argparse.SUPPRESS)
     rc.add_argument("-i", dest="interval", type=float, default=200.0, help=argparse.SUPPRESS)
     rc.set_defaults(func=cmd_receive)
+    local_help = "a --foreground protection or `receive` of this host (status files)"
     stt = sub.add_parser("status", help="state of the protections on this host")
     stt.add_argument("name", nargs="?")
     stt.add_argument("--json", action="store_true")
+    stt.add_argument("--local", action="store_true", help=local_help)
+    add_client_options(stt)
     stt.set_defaults(func=cmd_status)
     fo = sub.add_parser("failover", help="on the secondary: take over now")
     fo.add_argument("name")
     fo.add_argument("--force", action="store_true")
+    fo.add_argument("--json", action="store_true")
+    fo.add_argument("--local", action="store_true", help=local_help)
+    add_client_options(fo)
     fo.set_defaults(func=cmd_failover)
     up = sub.add_parser("unprotect", help="on the primary: end replication")
     up.add_argument("name")
+    up.add_argument("--json", action="store_true")
+    up.add_argument("--local", action="store_true", help=local_help)
+    add_client_options(up)
     up.set_defaults(func=cmd_unprotect)
+    for verb, text in (
+        ("pause", "stop replicating but keep the protection (remusd)"),
+        ("resume", "replicate a paused protection again, from a full copy (remusd)"),
+    ):
+        pz = sub.add_parser(verb, help=text)
+        pz.add_argument("name")
+        pz.add_argument("--json", action="store_true")
+        add_client_options(pz)
+        pz.set_defaults(func=lambda a: run_api(api_pause, a))
+    ev = sub.add_parser("events", help="remusd's event log")
+    ev.add_argument("--name")
+    ev.add_argument("--limit", type=int, default=50)
+    ev.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    ev.add_argument("--json", action="store_true")
+    add_client_options(ev)
+    ev.set_defaults(func=lambda a: run_api(api_events, a))
+    hi = sub.add_parser("host", help="this host: backend, Xen, helper, buffering (remusd)")
+    hsub = hi.add_subparsers(dest="host_command", required=True)
+    hinfo = hsub.add_parser("info")
+    hinfo.add_argument("--json", action="store_true")
+    add_client_options(hinfo)
+    hinfo.set_defaults(func=lambda a: run_api(api_host_info, a))
     # `demo` has its own parser: main() hands it the rest of the command line
     sub.add_parser("demo", help="Remus on one machine, primary killed at random (--help)")
 

@@ -133,6 +133,7 @@ async def run_demo(
             *_remusctl(
                 host_a,
                 "protect",
+                "--foreground",  # the demo is its own service: no remusd needed
                 info.name,
                 "--to",
                 f"127.0.0.1:{port}",

@@ -91,6 +91,9 @@ class RemusStatus:
     # cumulative, never trimmed: counts per PAUSE_BUCKETS bound (and +Inf), sum
     pause_counts: list[int] = field(default_factory=lambda: [0] * (len(PAUSE_BUCKETS) + 1))
     pause_sum: float = 0.0
+    # epochs (suspend to suspend) and those that took over 1.5 times the interval
+    epochs: int = 0
+    late_epochs: int = 0
     reason: str = ""
 
     def record_pause(self, seconds: float) -> None:
@@ -239,7 +242,13 @@ class RemusPrimary:
     async def _suspend(self) -> int:
         self.status.record_pages(self._pages_this_checkpoint)
         self._pages_this_checkpoint = 0
-        self._suspended_at = time.perf_counter()
+        now = time.perf_counter()
+        if self._suspended_at:
+            self.status.epochs += 1
+            interval = self.settings.interval
+            if interval > 0 and now - self._suspended_at > 1.5 * interval:
+                self.status.late_epochs += 1
+        self._suspended_at = now
         await self.hv.suspend(self.domain.domid)
         self._suspended = True
         # output from now on belongs to the next epoch; what came before is in
@@ -503,8 +512,10 @@ class RemusSecondary:
                     log.info(
                         "failover: %d disk blocks of an incomplete checkpoint dropped", dropped
                     )
-            self.status.state = "failed-over"
-            return await self.hv.finish_restore(self.target.domid)
+            self.status.state = "failing-over"
+            info = await self.hv.finish_restore(self.target.domid)
+            self.status.state = "failed-over"  # only once the guest runs here
+            return info
         except BaseException:
             self.hv.destroy(self.target.domid)
             raise

@@ -67,6 +67,8 @@ def summarize(role: str, name: str, st: RemusStatus, extra: dict[str, Any]) -> d
             "counts": list(st.pause_counts),
             "sum": st.pause_sum,
         },
+        "epochs": st.epochs,
+        "late_epochs": st.late_epochs,
         "reason": st.reason,
         "updated": time.time(),
         **extra,

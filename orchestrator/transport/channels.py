@@ -15,11 +15,15 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Final
 
+import tenacity
+
 from ..protection.remus import Control
+from .control import ControlConnection, Hello
 
 MAGIC: Final = b"XRMS"
 PREAMBLE: Final = struct.Struct("<4sI16s")
-STREAM, CONTROL = 1, 2
+# PROBE: a pre-flight question, answered with one HELLO describing the receiver
+STREAM, CONTROL, PROBE = 1, 2, 3
 
 
 class ChannelError(Exception):
@@ -32,15 +36,37 @@ def parse_addr(addr: str, default_port: int = 8002) -> tuple[str, int]:
 
 
 async def connect(
-    addr: str, protection: str, timeout: float = 10.0
+    addr: str, protection: str, timeout: float = 10.0, attempts: int = 4
+) -> tuple[socket.socket, Control]:
+    """Both connections to a receiver; a refused or failed connect is tried again with
+    exponential backoff (a receiver that is restarting, a link that flaps), then raised."""
+    retrying = tenacity.AsyncRetrying(
+        retry=tenacity.retry_if_exception_type(OSError),
+        stop=tenacity.stop_after_attempt(attempts),
+        wait=tenacity.wait_exponential(multiplier=0.2, max=2.0),
+        reraise=True,
+    )
+    async for attempt in retrying:
+        with attempt:
+            return await _connect_once(addr, protection, timeout)
+    raise AssertionError("unreachable: tenacity reraises the last error")
+
+
+async def _connect_once(
+    addr: str, protection: str, timeout: float
 ) -> tuple[socket.socket, Control]:
     host, port = parse_addr(addr)
     pid = uuid.UUID(protection).bytes
     stream = await asyncio.to_thread(socket.create_connection, (host, port), timeout)
-    stream.settimeout(None)
-    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    stream.sendall(PREAMBLE.pack(MAGIC, STREAM, pid))
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    try:
+        stream.settimeout(None)
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        stream.sendall(PREAMBLE.pack(MAGIC, STREAM, pid))
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+    except BaseException:
+        stream.close()
+        raise
     sock = writer.get_extra_info("socket")
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -92,3 +118,24 @@ class Listener:
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
+
+
+async def probe(addr: str, timeout: float = 5.0) -> Hello:
+    """Ask a receiver who it is: protocol version, capabilities, free memory, domains."""
+    host, port = parse_addr(addr)
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    try:
+        writer.write(PREAMBLE.pack(MAGIC, PROBE, bytes(16)))
+        conn = ControlConnection()
+        while True:
+            event = conn.next_event()
+            if event is not None:
+                if not isinstance(event, Hello):  # the codec allows only HELLO first
+                    raise ChannelError(f"probe of {addr}: {type(event).__name__} before HELLO")
+                return event
+            data = await asyncio.wait_for(reader.read(65536), timeout)
+            if not data:
+                raise ChannelError(f"probe of {addr}: connection closed without an answer")
+            conn.receive_data(data)
+    finally:
+        writer.close()

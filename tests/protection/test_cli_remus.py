@@ -13,13 +13,17 @@ from pathlib import Path
 
 from orchestrator.hypervisors.sim import SimHypervisor
 
+from ..guestclient import kv
+
 
 def remusctl(host: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "orchestrator.cli", "--host", str(host), *args]
 
 
 def status(host: Path) -> list[dict[str, object]]:
-    r = subprocess.run(remusctl(host, "status", "--json"), capture_output=True, text=True)
+    r = subprocess.run(
+        remusctl(host, "status", "--local", "--json"), capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr
     rows: list[dict[str, object]] = json.loads(r.stdout)
     return rows
@@ -51,7 +55,9 @@ def test_protect_status_failover_refusal_and_unprotect(
     try:
         assert recv.stdout is not None and "receiving on" in recv.stdout.readline()
         prot = subprocess.Popen(
-            remusctl(a.host, "protect", "web", "--to", f"127.0.0.1:{port}", "-i", "50"),
+            remusctl(
+                a.host, "protect", "--foreground", "web", "--to", f"127.0.0.1:{port}", "-i", "50"
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -63,9 +69,11 @@ def test_protect_status_failover_refusal_and_unprotect(
         (s,) = status(b.host)
         assert s["role"] == "secondary" and s["state"] == "replicating"
         # the primary is alive: a failover now would run two copies
-        r = subprocess.run(remusctl(b.host, "failover", "web"), capture_output=True, text=True)
+        r = subprocess.run(
+            remusctl(b.host, "failover", "--local", "web"), capture_output=True, text=True
+        )
         assert r.returncode == 1 and "refusing" in r.stderr
-        assert subprocess.run(remusctl(a.host, "unprotect", "web")).returncode == 0
+        assert subprocess.run(remusctl(a.host, "unprotect", "--local", "web")).returncode == 0
         out, _ = prot.communicate(timeout=20)
         assert prot.returncode == 0 and "unprotected" in out
         rest, _ = recv.communicate(timeout=20)
@@ -83,12 +91,18 @@ def test_blackhole_needs_unsafe_and_checkpoints_to_nowhere(
 ) -> None:
     a, _ = hosts
     a.create_domain("web", memory_mib=16)
-    r = subprocess.run(remusctl(a.host, "protect", "web", "-b"), capture_output=True, text=True)
+    r = subprocess.run(
+        remusctl(a.host, "protect", "--foreground", "web", "-b"), capture_output=True, text=True
+    )
     assert r.returncode == 2 and "-b requires -F" in r.stderr
-    r = subprocess.run(remusctl(a.host, "protect", "web"), capture_output=True, text=True)
+    r = subprocess.run(
+        remusctl(a.host, "protect", "--foreground", "web"), capture_output=True, text=True
+    )
     assert r.returncode == 2 and "--to" in r.stderr
     prot = subprocess.Popen(
-        remusctl(a.host, "protect", "web", "-b", "-F", "-i", "20", "--netbuf", "proxy"),
+        remusctl(
+            a.host, "protect", "--foreground", "web", "-b", "-F", "-i", "20", "--netbuf", "proxy"
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -99,7 +113,7 @@ def test_blackhole_needs_unsafe_and_checkpoints_to_nowhere(
         # the initial copy of 16 MiB went into the sink, then each checkpoint's pages
         assert int(p["stream_bytes"]) > 16 << 20  # type: ignore[call-overload]
         assert p["disk"] == "not replicated"
-        assert subprocess.run(remusctl(a.host, "unprotect", "web")).returncode == 0
+        assert subprocess.run(remusctl(a.host, "unprotect", "--local", "web")).returncode == 0
         out, err = prot.communicate(timeout=20)
         assert prot.returncode == 0 and "unprotected" in out
         assert "nothing to fail over to" in err
@@ -110,17 +124,6 @@ def test_blackhole_needs_unsafe_and_checkpoints_to_nowhere(
             prot.wait()
 
 
-def _kv(address: str, lines: list[bytes]) -> list[bytes]:
-    import socket
-
-    host, port = address.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=10) as s:
-        f = s.makefile("rwb")
-        f.write(b"".join(line + b"\n" for line in lines))
-        f.flush()
-        return [f.readline().rstrip(b"\n") for _ in lines]
-
-
 def test_replication_over_a_command_pipe_fails_over_when_the_primary_dies(
     hosts: tuple[SimHypervisor, SimHypervisor],
 ) -> None:
@@ -129,7 +132,7 @@ def test_replication_over_a_command_pipe_fails_over_when_the_primary_dies(
     info = a.create_domain("web", memory_mib=16)
     receive = " ".join(remusctl(b.host, "receive", "--stdio"))
     prot = subprocess.Popen(
-        remusctl(a.host, "protect", "web", "-s", "", "--to", receive, "-i", "50"),
+        remusctl(a.host, "protect", "--foreground", "web", "-s", "", "--to", receive, "-i", "50"),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
@@ -140,7 +143,7 @@ def test_replication_over_a_command_pipe_fails_over_when_the_primary_dies(
         (s,) = status(b.host)
         assert s["role"] == "secondary" and s["state"] == "replicating"
         # written before the next checkpoints: they must survive the primary's death
-        assert set(_kv(info.address, [b"PUT k%d v%d" % (i, i) for i in range(50)])) == {b"OK"}
+        assert set(kv(info.address, [b"PUT k%d v%d" % (i, i) for i in range(50)])) == {b"OK"}
         wait_checkpoints(a.host, int(row["checkpoints"]) + 3)  # type: ignore[call-overload]
         # the primary host dies: the protect process and its guest
         prot.kill()
@@ -153,7 +156,7 @@ def test_replication_over_a_command_pipe_fails_over_when_the_primary_dies(
                 break
             time.sleep(0.1)
         restored = b.lookup("web")
-        got = _kv(restored.address, [b"GET k%d" % i for i in range(50)])
+        got = kv(restored.address, [b"GET k%d" % i for i in range(50)])
         assert got == [b"VALUE v%d" % i for i in range(50)]
         (s,) = status(b.host)
         assert s["state"] == "failed-over"

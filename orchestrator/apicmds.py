@@ -1,0 +1,178 @@
+"""`remusctl`'s protection verbs as a client of `remusd`.
+
+protect, unprotect, pause, resume, failover, status, events and host info
+go to remusd's API (its unix socket, ``--socket`` or ``$REMUSD_SOCKET``; or
+``--url`` with ``--token-file`` over TCP). ``--json`` prints what the API
+returned; without it, a table or a sentence for people.
+
+The in-process modes stay for what has no service behind it: ``remusctl
+demo``, and ``protect --foreground`` / ``receive`` (the `xl remus` /
+`xl migrate-receive` way, which ``-s`` runs over ssh), whose status files
+``status --local``, ``failover --local`` and ``unprotect --local`` read and
+signal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .service.client import DEFAULT_SOCKET, ApiClient, ApiClientError, ClientError
+
+STATUS_COLUMNS = (
+    "name",
+    "role",
+    "state",
+    "checkpoints",
+    "last_checkpoint_age",
+    "pause_ms_p50",
+    "ack_lag_ms_p50",
+    "dirty_pages_p50",
+    "held_packets",
+    "reason",
+)
+
+
+def add_client_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--socket",
+        default=os.environ.get("REMUSD_SOCKET", DEFAULT_SOCKET),
+        help=f"remusd's unix socket (default $REMUSD_SOCKET or {DEFAULT_SOCKET})",
+    )
+    p.add_argument("--url", help="remusd over TCP instead, https://HOST:PORT")
+    p.add_argument("--token-file", help="bearer token for --url")
+
+
+def client(args: argparse.Namespace) -> ApiClient:
+    if args.url:
+        token = Path(args.token_file).read_text().strip() if args.token_file else None
+        return ApiClient(base_url=args.url, token=token)
+    return ApiClient(args.socket)
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *rows]
+    )
+
+
+def status_table(rows: list[dict[str, Any]]) -> str:
+    return table(
+        [["" if r.get(c) is None else str(r.get(c)) for c in STATUS_COLUMNS] for r in rows],
+        [c.upper() for c in STATUS_COLUMNS],
+    )
+
+
+def _flatten(p: dict[str, Any]) -> dict[str, Any]:
+    """A protection as the API gives it, with its live status fields on top."""
+    return {**p.get("live", {}), **{k: v for k, v in p.items() if k != "live"}}
+
+
+def _out(args: argparse.Namespace, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=2) if args.json else text)
+
+
+def api_protect(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {
+        "name": args.name,
+        "peer": args.to,
+        "interval_ms": int(args.interval),
+        "netbuf": args.netbuf,
+        "no_netbuf": args.n,
+        "no_disk": args.d,
+        "unsafe": args.F,
+    }
+    with client(args) as c:
+        p = c.post("/v1/protections", body)
+    _out(args, p, f"{p['name']}: protecting to {p['peer']} ({p['state']})")
+    return 0
+
+
+def api_unprotect(args: argparse.Namespace) -> int:
+    with client(args) as c:
+        c.delete(f"/v1/protections/{args.name}")
+    _out(args, {"name": args.name, "unprotected": True}, f"{args.name}: unprotected")
+    return 0
+
+
+def api_pause(args: argparse.Namespace) -> int:
+    with client(args) as c:
+        p = c.post(f"/v1/protections/{args.name}/{args.command}")
+    _out(args, p, f"{p['name']}: {p['state']}")
+    return 0
+
+
+def api_failover(args: argparse.Namespace) -> int:
+    with client(args) as c:
+        r = c.post(f"/v1/protections/{args.name}/failover", {"force": args.force})
+    _out(args, r, f"{args.name}: failover requested")
+    return 0
+
+
+def api_status(args: argparse.Namespace) -> int:
+    with client(args) as c:
+        one = args.name is not None
+        rows = [c.get(f"/v1/protections/{args.name}")] if one else c.get("/v1/protections")
+    _out(args, rows, status_table([_flatten(r) for r in rows]))
+    return 0
+
+
+def api_events(args: argparse.Namespace) -> int:
+    with client(args) as c:
+        if args.follow:
+            path = "/v1/events/stream" + (f"?name={args.name}" if args.name else "")
+            for ev in c.events(path):
+                e = ev.data
+                print(json.dumps(e) if args.json else _event_line(e), flush=True)
+            return 0
+        q = f"/v1/events?limit={args.limit}" + (f"&name={args.name}" if args.name else "")
+        events = c.get(q)
+    _out(args, events, "\n".join(_event_line(e) for e in events))
+    return 0
+
+
+def _event_line(e: dict[str, Any]) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["ts"]))
+    return f"{when}  {e['id']:>6}  {e['name'] or '-':<16} {e['kind']:<20} {e['message']}"
+
+
+def api_host_info(args: argparse.Namespace) -> int:
+    with client(args) as c:
+        h = c.get("/v1/host")
+    helper, rep = h["helper"], h["replication"]
+    lines = [
+        f"backend:      {h['backend']} ({h.get('sim_host') or ''})",
+        f"xen:          {h['xen_version'] or 'not running on Xen'}",
+        f"save helper:  {helper['path'] or helper['error']} (version {helper['version']})",
+        f"libvirt:      {json.dumps(h['libvirt'])}",
+        "netbuf:       " + ", ".join(f"{k}: {v}" for k, v in h["netbuf"].items()),
+        f"replication:  {rep['listen']} (protocol {rep['protocol_version']})",
+    ]
+    _out(args, h, "\n".join(lines))
+    return 0
+
+
+def run_api(func: Any, args: argparse.Namespace) -> int:
+    """Run one API verb; remusd's errors become a message and exit status 1."""
+    try:
+        rc: int = func(args)
+    except ApiClientError as exc:
+        if getattr(args, "json", False):
+            print(json.dumps({"error": {"code": exc.code, "message": exc.message,
+                                        "details": exc.details}}))  # fmt: skip
+        else:
+            print(f"remusctl: {exc.code}: {exc.message}", file=sys.stderr)
+            for r in (exc.details or {}).get("reasons", []):
+                print(f"  - {r['check']}: {r['message']}", file=sys.stderr)
+        return 1
+    except ClientError as exc:
+        print(f"remusctl: {exc}", file=sys.stderr)
+        return 2
+    return rc

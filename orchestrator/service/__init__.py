@@ -1,0 +1,1 @@
+"""remusd: the service that owns protections (HTTP API, registry, metrics, events)."""

@@ -1,0 +1,619 @@
+"""remusd: the long-running service that owns this host's protections.
+
+One per host. It serves the HTTP API (``/v1/...``, schema at
+``/v1/openapi.json``) on a unix socket, and optionally on TCP with TLS and a
+bearer token; the replication endpoint peers' primaries connect to; and
+Prometheus metrics at ``/metrics`` (on the API and on a loopback port). The
+protections themselves run in worker processes it supervises
+(``supervisor.py``); their settings, last known state and an event log live
+in a SQLite registry (``registry.py``) that survives restarts.
+
+    remusd [--config /etc/remus/remusd.toml] [--set section.key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import ssl
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Final
+
+from ..devices.netbuf_nfqueue import nfqueue_available
+from ..devices.netbuf_plug import plug_available
+from ..hypervisors.sim import SimHypervisor
+from ..protection.remus import PAUSE_BUCKETS
+from ..savehelper.spawn import HelperNotFound, find_helper
+from ..transport.control import PROTOCOL_VERSION
+from . import config as configmod
+from .http import ApiError, EventStream, HttpServer, Request, Response, Route, Router
+from .metrics import CONTENT_TYPE, MetricsRegistry
+from .registry import NotFound, Registry
+from .supervisor import ProtectError, ProtectRequest, Supervisor
+
+log = logging.getLogger("remusd")
+
+VERSION: Final = "0.1.0"
+EVENTS_KEEP: Final = 10_000
+
+# the API's own error codes and their HTTP status
+CODES: Final = {
+    "DOMAIN_NOT_FOUND": 404,
+    "PROTECTION_NOT_FOUND": 404,
+    "ALREADY_PROTECTED": 409,
+    "PEER_UNREACHABLE": 502,
+    "NOT_PROTECTABLE": 422,
+    "WRONG_ROLE": 409,
+    "NOT_SECONDARY": 409,
+    "PRIMARY_ALIVE": 409,
+}
+
+PROTECT_SCHEMA: Final = {
+    "type": "object",
+    "required": ["name", "peer"],
+    "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9_.-]+$"},
+        "peer": {"type": "string", "minLength": 1, "maxLength": 255},
+        "interval_ms": {"type": "integer", "minimum": 0, "maximum": 60000},
+        "netbuf": {"type": "string", "enum": ["auto", "plug", "nfqueue", "proxy"]},
+        "no_netbuf": {"type": "boolean"},
+        "no_disk": {"type": "boolean"},
+        "unsafe": {"type": "boolean"},
+    },
+}
+PROTECTION_SCHEMA: Final = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "role": {"type": "string", "enum": ["primary", "secondary"]},
+        "peer": {"type": "string"},
+        "desired": {"type": "string"},
+        "state": {"type": "string"},
+        "checkpoints": {"type": "integer"},
+        "reason": {"type": "string"},
+        "live": {"type": "object"},
+    },
+}
+FAILOVER_SCHEMA: Final = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {"force": {"type": "boolean"}},
+}
+
+
+def _api_error(exc: ProtectError) -> ApiError:
+    details = {"reasons": exc.reasons} if exc.reasons else None
+    return ApiError(CODES.get(exc.code, 409), exc.code, exc.message, details)
+
+
+class Service:
+    def __init__(self, cfg: configmod.Config) -> None:
+        self.cfg = cfg
+        Path(cfg.state.dir).mkdir(parents=True, exist_ok=True)
+        self.registry = Registry(cfg.registry_path)
+        self.hv = SimHypervisor(Path(cfg.state.host) if cfg.state.host else None)
+        self.supervisor = Supervisor(cfg, self.registry, self.hv, self.emit)
+        self.metrics = MetricsRegistry()
+        self._new_event = asyncio.Condition()
+        self._seen: dict[tuple[str, int], dict[str, Any]] = {}
+        self._build_metrics()
+        self.router = Router(self._routes(), title="remusd", version=VERSION)
+        self.servers: list[HttpServer] = []
+        self.started = time.time()
+
+    # -- events ----------------------------------------------------------------------
+
+    def emit(self, kind: str, message: str, name: str | None, data: dict[str, Any] | None) -> None:
+        ev = self.registry.append_event(kind, message, name, data)
+        log.info("event %d %s %s: %s", ev.id, name or "-", kind, message)
+        if ev.id % 1000 == 0:
+            self.registry.prune_events(EVENTS_KEEP)
+
+        async def wake() -> None:
+            async with self._new_event:
+                self._new_event.notify_all()
+
+        with contextlib.suppress(RuntimeError):  # no loop yet (start-up)
+            asyncio.get_running_loop().create_task(wake())
+
+    async def _wait_event(self, after: int, timeout: float) -> None:
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation,
+        # and an event stream is cancelled whenever its client goes away
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout), self._new_event:
+                await self._new_event.wait_for(lambda: self.registry.latest_event_id() > after)
+
+    # -- metrics -----------------------------------------------------------------------
+
+    def _build_metrics(self) -> None:
+        m, labels = self.metrics, ("domain", "peer")
+        self.m_checkpoints = m.counter(
+            "remus_checkpoints_total", "Checkpoints acknowledged by the secondary", labels
+        )
+        self.m_pause = m.histogram(
+            "remus_checkpoint_pause_seconds",
+            "Time the guest was suspended per checkpoint",
+            labels,
+            buckets=PAUSE_BUCKETS,
+        )
+        self.m_failovers = m.counter(
+            "remus_failovers_total", "Failovers this host took over", ("domain",)
+        )
+        for metric, key, help_text in (
+            ("remus_dirty_pages", "dirty_pages_p50", "Pages sent per checkpoint (median)"),
+            ("remus_dirty_bytes", "dirty_bytes_p50", "Bytes of pages per checkpoint (median)"),
+            ("remus_disk_blocks", "disk_blocks_p50", "Disk blocks per checkpoint (median)"),
+            ("remus_held_output_packets", "held_packets", "Output packets held now"),
+            ("remus_held_output_bytes", "held_bytes", "Output bytes held now (proxy)"),
+            ("remus_ack_lag_seconds", "ack_lag_ms_p50", "CHECKPOINT_END to ACK (median)"),
+        ):
+            m.callback_gauge(metric, help_text, self._status_values(key), labels)
+        m.callback_gauge(
+            "remus_last_checkpoint_age_seconds",
+            "Age of the last consistent checkpoint",
+            self._ages,
+            labels,
+        )
+        m.callback_gauge(
+            "remus_replication_state",
+            "1 for the protection's current state",
+            self._states,
+            ("domain", "peer", "role", "state"),
+        )
+
+    def _statuses(self) -> list[tuple[Any, dict[str, Any]]]:
+        out = []
+        for rec in self.registry.list():
+            st = self.supervisor.read_status(rec.name)
+            if st is not None:
+                out.append((rec, st))
+        return out
+
+    def _status_values(self, key: str) -> Any:
+        scale = 1e-3 if key.endswith("_ms_p50") else 1.0
+
+        def values() -> dict[tuple[str, ...], float]:
+            return {
+                (rec.name, rec.peer): float(st[key]) * scale
+                for rec, st in self._statuses()
+                if st.get(key) is not None
+            }
+
+        return values
+
+    def _ages(self) -> dict[tuple[str, ...], float]:
+        now = time.time()
+        return {
+            (rec.name, rec.peer): now - (float(st["updated"]) - float(st["last_checkpoint_age"]))
+            for rec, st in self._statuses()
+            if st.get("last_checkpoint_age") is not None
+        }
+
+    def _states(self) -> dict[tuple[str, ...], float]:
+        return {(rec.name, rec.peer, rec.role, rec.last_state): 1.0 for rec in self.registry.list()}
+
+    def _fold_counters(self) -> None:
+        """Workers count from zero; remusd's counters go on across worker restarts."""
+        for rec, st in self._statuses():
+            key = (rec.name, int(st.get("pid", 0)))
+            before = self._seen.get(key, {})
+            done = int(st.get("checkpoints") or 0)
+            if rec.role == "primary":
+                self.m_checkpoints.labels(domain=rec.name, peer=rec.peer).inc(
+                    max(0, done - int(before.get("checkpoints", 0)))
+                )
+                hist = st.get("pause_histogram")
+                if hist and list(hist.get("le", [])) == list(PAUSE_BUCKETS):
+                    old = before.get("counts") or [0] * len(hist["counts"])
+                    delta = [max(0, n - o) for n, o in zip(hist["counts"], old, strict=True)]
+                    if any(delta):
+                        self.m_pause.labels(domain=rec.name, peer=rec.peer).merge(
+                            delta, max(0.0, float(hist["sum"]) - float(before.get("sum", 0.0)))
+                        )
+                    before = {"counts": hist["counts"], "sum": hist["sum"]}
+            if st.get("state") == "failed-over" and not before.get("failed_over"):
+                self.m_failovers.labels(domain=rec.name).inc()
+                before = {**before, "failed_over": True}
+            self._seen[key] = {**before, "checkpoints": done}
+
+    def render_metrics(self) -> bytes:
+        self._fold_counters()
+        return self.metrics.render()
+
+    # -- handlers ----------------------------------------------------------------------
+
+    def _protection(self, name: str) -> dict[str, Any]:
+        try:
+            rec = self.registry.get(name)
+        except NotFound:
+            raise ApiError(
+                404, "PROTECTION_NOT_FOUND", f"no protection of {name!r} on this host"
+            ) from None
+        st = self.supervisor.read_status(name) or {}
+        return {
+            "name": rec.name,
+            "role": rec.role,
+            "peer": rec.peer,
+            "mode": rec.mode,
+            "desired": rec.desired,
+            # a paused protection's worker has gone; its last status file says "stopped"
+            "state": rec.last_state if rec.desired == "paused" else st.get("state", rec.last_state),
+            "checkpoints": int(st.get("checkpoints") or rec.checkpoints),
+            "reason": st.get("reason") or rec.reason,
+            "settings": rec.settings,
+            "live": {k: v for k, v in st.items() if k != "pause_histogram"},
+        }
+
+    async def h_health(self, _req: Request) -> Response:
+        return Response(
+            body={
+                "status": "ok",
+                "version": VERSION,
+                "uptime_s": round(time.time() - self.started, 3),
+                "protections": len(self.registry.list()),
+            }
+        )
+
+    async def h_host(self, _req: Request) -> Response:
+        try:
+            helper: str | None = find_helper(self.hv.helper_env())
+            helper_error = None
+        except HelperNotFound as exc:
+            helper, helper_error = None, str(exc)
+        return Response(
+            body={
+                "backend": self.hv.name,
+                "sim_host": str(self.hv.host),
+                "xen_version": _xen_version(),
+                "helper": {
+                    "path": helper,
+                    "version": _helper_version(helper),
+                    "error": helper_error,
+                },
+                "libvirt": _libvirt_status(),
+                "netbuf": {
+                    "plug": plug_available() or "available",
+                    "nfqueue": nfqueue_available() or "available",
+                    "proxy": "available",
+                },
+                "replication": {
+                    "listen": self.cfg.replication.listen,
+                    "port": self.supervisor.replication_port,
+                    "protocol_version": PROTOCOL_VERSION,
+                },
+            }
+        )
+
+    async def h_list(self, _req: Request) -> Response:
+        return Response(body=[self._protection(r.name) for r in self.registry.list()])
+
+    async def h_get(self, req: Request) -> Response:
+        return Response(body=self._protection(req.params["name"]))
+
+    async def h_protect(self, req: Request) -> Response:
+        b = req.body
+        pr = ProtectRequest(
+            name=b["name"],
+            peer=b["peer"],
+            interval_ms=b.get("interval_ms", self.cfg.replication.interval_ms),
+            netbuf=b.get("netbuf", "auto"),
+            no_netbuf=b.get("no_netbuf", False),
+            no_disk=b.get("no_disk", False),
+            unsafe=b.get("unsafe", False),
+        )
+        with contextlib.suppress(NotFound):
+            rec = self.registry.get(pr.name)
+            raise ApiError(
+                409,
+                "ALREADY_PROTECTED",
+                f"{pr.name} is already registered here as {rec.role} ({rec.desired})",
+            )
+        try:
+            await self.supervisor.protect(pr)
+        except ProtectError as exc:
+            raise _api_error(exc) from None
+        return Response(201, self._protection(pr.name))
+
+    async def h_delete(self, req: Request) -> Response:
+        name = req.params["name"]
+        self._protection(name)
+        try:
+            await self.supervisor.unprotect(name)
+        except ProtectError as exc:
+            raise _api_error(exc) from None
+        return Response(204)
+
+    async def h_pause(self, req: Request) -> Response:
+        name = req.params["name"]
+        self._protection(name)
+        try:
+            await self.supervisor.unprotect(name, keep_record=True)
+        except ProtectError as exc:
+            raise _api_error(exc) from None
+        return Response(body=self._protection(name))
+
+    async def h_resume(self, req: Request) -> Response:
+        name = req.params["name"]
+        self._protection(name)
+        try:
+            await self.supervisor.resume(name)
+        except ProtectError as exc:
+            raise _api_error(exc) from None
+        return Response(body=self._protection(name))
+
+    async def h_failover(self, req: Request) -> Response:
+        name = req.params["name"]
+        self._protection(name)
+        try:
+            self.supervisor.failover(name, bool((req.body or {}).get("force", False)))
+        except ProtectError as exc:
+            raise _api_error(exc) from None
+        return Response(202, {"name": name, "failover": "requested"})
+
+    async def h_events(self, req: Request) -> Response:
+        after = int(req.query.get("after", 0))
+        wait = float(req.query.get("wait", 0))
+        limit = int(req.query.get("limit", 100))
+        name = req.query.get("name")
+        if wait and self.registry.latest_event_id() <= after:
+            await self._wait_event(after, wait)
+        events = self.registry.events_since(after, limit, name)
+        return Response(body=[_event_json(e) for e in events])
+
+    async def h_event_stream(self, req: Request) -> EventStream:
+        resume_from = req.headers.get("last-event-id", "")  # a reconnecting client
+        if "after" in req.query:
+            after = int(req.query["after"])
+        elif resume_from.isdigit():
+            after = int(resume_from)
+        else:
+            after = self.registry.latest_event_id()
+        name = req.query.get("name")
+
+        async def gen() -> AsyncIterator[tuple[str, Any, str | None]]:
+            cursor = after
+            while True:
+                for e in self.registry.events_since(cursor, 100, name):
+                    cursor = e.id
+                    yield e.kind, _event_json(e), str(e.id)
+                await self._wait_event(cursor, 15.0)
+
+        return EventStream(gen())
+
+    async def h_metrics(self, _req: Request) -> Response:
+        return Response(raw=self.render_metrics(), content_type=CONTENT_TYPE)
+
+    def _routes(self) -> list[Route]:
+        name_404 = [(404, "PROTECTION_NOT_FOUND")]
+        query_events = {
+            "after": {"type": "integer", "minimum": 0},
+            "limit": {"type": "integer", "minimum": 1, "maximum": 1000},
+            "wait": {"type": "number", "minimum": 0, "maximum": 60},
+            "name": {"type": "string", "maxLength": 64},
+        }
+        return [
+            Route("GET", "/v1/health", self.h_health, summary="Liveness", public=True),
+            Route("GET", "/v1/host", self.h_host, summary="Backend, Xen, helper, buffering"),
+            Route(
+                "GET",
+                "/v1/protections",
+                self.h_list,
+                summary="Protections on this host",
+                response_schema={"type": "array", "items": PROTECTION_SCHEMA},
+            ),
+            Route(
+                "POST",
+                "/v1/protections",
+                self.h_protect,
+                summary="Protect a domain (pre-flight first)",
+                request_schema=PROTECT_SCHEMA,
+                response_schema=PROTECTION_SCHEMA,
+                status=201,
+                errors=[
+                    (404, "DOMAIN_NOT_FOUND"),
+                    (409, "ALREADY_PROTECTED"),
+                    (502, "PEER_UNREACHABLE"),
+                    (422, "NOT_PROTECTABLE"),
+                ],
+            ),
+            Route(
+                "GET",
+                "/v1/protections/{name}",
+                self.h_get,
+                summary="One protection",
+                response_schema=PROTECTION_SCHEMA,
+                errors=name_404,
+            ),
+            Route(
+                "DELETE",
+                "/v1/protections/{name}",
+                self.h_delete,
+                summary="Unprotect (the domain runs on here)",
+                status=204,
+                errors=[*name_404, (409, "WRONG_ROLE")],
+            ),
+            Route(
+                "POST",
+                "/v1/protections/{name}/pause",
+                self.h_pause,
+                summary="Stop replicating, keep the protection",
+                errors=[*name_404, (409, "WRONG_ROLE")],
+            ),
+            Route(
+                "POST",
+                "/v1/protections/{name}/resume",
+                self.h_resume,
+                summary="Replicate again (full resynchronisation)",
+                errors=[*name_404, (409, "WRONG_ROLE"), (409, "ALREADY_PROTECTED")],
+            ),
+            Route(
+                "POST",
+                "/v1/protections/{name}/failover",
+                self.h_failover,
+                summary="On the secondary: take over now",
+                request_schema=FAILOVER_SCHEMA,
+                status=202,
+                errors=[*name_404, (409, "NOT_SECONDARY"), (409, "PRIMARY_ALIVE")],
+            ),
+            Route(
+                "GET",
+                "/v1/events",
+                self.h_events,
+                summary="Event log after a cursor (long-poll with wait)",
+                query=query_events,
+            ),
+            Route(
+                "GET",
+                "/v1/events/stream",
+                self.h_event_stream,
+                summary="Events as Server-Sent Events",
+                content_type="text/event-stream",
+                query={k: v for k, v in query_events.items() if k in ("after", "name")},
+            ),
+            Route(
+                "GET",
+                "/metrics",
+                self.h_metrics,
+                summary="Prometheus metrics",
+                content_type=CONTENT_TYPE,
+            ),
+        ]
+
+    # -- run -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.supervisor.start()
+        api = HttpServer(self.router, token=_read_token(self.cfg.api.token_file))
+        Path(self.cfg.api.socket).parent.mkdir(parents=True, exist_ok=True)
+        await api.start_unix(self.cfg.api.socket)
+        self.servers.append(api)
+        if self.cfg.api.tcp:
+            addr = configmod.parse_hostport("api.tcp", self.cfg.api.tcp)
+            assert addr is not None
+            ctx = None
+            if self.cfg.api.tls_cert:
+                ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                ctx.load_cert_chain(self.cfg.api.tls_cert, self.cfg.api.tls_key)
+            await api.start_tcp(addr[0], addr[1], ctx)
+        maddr = configmod.parse_hostport("metrics.listen", self.cfg.metrics.listen, True)
+        if maddr is not None:
+            only_metrics = Router(
+                [Route("GET", "/metrics", self.h_metrics, content_type=CONTENT_TYPE, public=True)],
+                openapi_path=None,
+            )
+            metrics_server = HttpServer(only_metrics)
+            self.metrics_port = await metrics_server.start_tcp(maddr[0], maddr[1])
+            self.servers.append(metrics_server)
+        self.emit("started", f"remusd {VERSION} started", None, {"pid": os.getpid()})
+
+    async def close(self) -> None:
+        for s in self.servers:
+            await s.close()
+        await self.supervisor.close()
+        self.registry.close()
+
+
+def _event_json(e: Any) -> dict[str, Any]:
+    return {"id": e.id, "ts": e.ts, "name": e.name, "kind": e.kind, "message": e.message,
+            "data": e.data}  # fmt: skip
+
+
+def _read_token(path: str) -> str | None:
+    return Path(path).read_text().strip() or None if path else None
+
+
+def _xen_version() -> str | None:
+    try:
+        major = Path("/sys/hypervisor/version/major").read_text().strip()
+        minor = Path("/sys/hypervisor/version/minor").read_text().strip()
+    except OSError:
+        return None  # not running on Xen: the simulated backend
+    return f"{major}.{minor}"
+
+
+def _helper_version(path: str | None) -> str | None:
+    """libxl-save-helper has no --version; its install directory names the Xen release."""
+    if path is None:
+        return None
+    for part in Path(path).parts:
+        if part.startswith("xen-") and part[4:].replace(".", "").isdigit():
+            return part[4:]
+    return "simulated" if "sim" in Path(path).name else None
+
+
+def _libvirt_status() -> dict[str, Any]:
+    try:
+        import libvirt  # type: ignore[import-untyped]
+    except ImportError as exc:
+        return {"available": False, "error": str(exc)}
+    sock = Path("/run/libvirt/libvirt-sock")
+    return {
+        "available": True,
+        "library_version": libvirt.getVersion(),
+        "libvirtd_running": sock.exists(),
+        "uri": "xen:///system" if _xen_version() else None,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="remusd", description=__doc__)
+    ap.add_argument("--config", type=Path, default=configmod.DEFAULT_PATH)
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one configuration key (repeatable)",
+    )
+    ap.add_argument("-v", "--verbose", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"remusd: --set {item!r}: expected SECTION.KEY=VALUE", file=sys.stderr)
+            return 2
+        overrides[key] = value
+    try:
+        cfg = configmod.load(args.config, overrides)
+    except configmod.ConfigError as exc:
+        print(f"remusd: configuration: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(_serve(cfg))
+
+
+async def _serve(cfg: configmod.Config) -> int:
+    service = Service(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await service.start()
+        print(f"remusd: listening on {cfg.api.socket}", file=sys.stderr, flush=True)
+        await stop.wait()
+    finally:
+        # protections carry on in their workers; the next remusd re-attaches
+        await service.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
