@@ -568,12 +568,21 @@ class StdioLink(_Link):
         self._spawn("down", self._down)
         self._spawn("control-up", self._control_up)
 
-    def close(self) -> None:
-        """End both channels (the primary sees control end). Does not block; the
-        thread reading ``in_fd`` ends when the primary closes its side."""
+    def close(self, flush: float = 2.0) -> None:
+        """End both channels (the primary sees control end). Waits up to ``flush``
+        seconds for what the Control wrote to reach ``out_fd`` (the pumps are daemon
+        threads: a process exiting right after close() would otherwise cut off its
+        last frames, the end of control among them); the thread reading ``in_fd``
+        ends when the primary closes its side."""
         with self._lock:
             self._closing = True
+            up = self._threads.get("control-up")
         self._shutdown(self._s_pump, socket.SHUT_RDWR)
+        # SHUT_WR, not RDWR, on the control pump first: the pump still reads what the
+        # Control wrote before closing, then sees EOF and sends the end frame
+        self._shutdown(self._c_pump, socket.SHUT_WR)
+        if up is not None and up is not threading.current_thread():
+            up.join(flush)
         self._shutdown(self._c_pump, socket.SHUT_RDWR)
 
     def _down(self) -> None:
@@ -593,10 +602,13 @@ class StdioLink(_Link):
                             pumps[channel].sendall(payload)
                         except OSError:  # e.g. stream.shutdown(SHUT_RDWR) to fail over
                             gone.add(channel)
+            self.eof = True  # before anything shuts a pump: users may look on EOF
             decoder.end_of_input()
         except MuxError as exc:
+            self.eof = True
             self._fail(f"from the primary: {exc}")
         except OSError as exc:
+            self.eof = True
             self._fail(f"reading from the primary: {exc}")
         finally:
             self.eof = True
