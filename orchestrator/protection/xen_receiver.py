@@ -1,0 +1,177 @@
+"""The Remus secondary on real Xen: Xen's own restore behind a checkpoint gate.
+
+We do not build Xen domains ourselves. The secondary runs `xl migrate-receive
+-r -e` (what `xl remus` runs over ssh on the backup host) and feeds its stdin
+through a :class:`~orchestrator.streams.gate.CheckpointGate`:
+
+* xl writes its banner (``xl migration receiver ready, send binary domain
+  data.\\n``, ``tools/xl/xl.h``) and then reads an xl savefile header with
+  the domain's JSON configuration followed by the libxl stream, restoring
+  with libxl's checkpointed-stream (REMUS) reader;
+* the gate releases bytes to xl only up to the end of a complete
+  checkpoint, and each released checkpoint is ACKed to the primary over our
+  control channel (xl acknowledges nothing; the primary's output for that
+  epoch is released on our ACK);
+* on failover (heartbeats stop, the stream breaks, or an administrator
+  forces it) the gate drops the partial checkpoint it holds and xl's stdin
+  is closed. Its input thus ends exactly at a checkpoint boundary: libxl
+  and libxc treat that as the primary's failure and build the domain from
+  the last complete checkpoint; with ``-e`` xl unpauses it ("migration
+  target: Remus Failover for domain N") and exits.
+
+The heartbeat watch, the forced failover and the control handling are the
+simulated secondary's (:class:`RemusSecondary`); only the restore differs.
+
+Status: the gate is tested on its own (``tests/streams/test_gate.py``); this
+adapter needs a running Xen (xl cannot start without xenstored and privcmd)
+and has not yet run against one: the nested lab (issue 8) is where it will.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import re
+import socket
+from typing import Final
+
+from ..streams import xl
+from ..streams.errors import Layer, StreamError
+from ..streams.gate import CheckpointComplete, CheckpointGate, Release
+from ..transport.control import Ack, Hello
+from .remus import Control, RemusSecondary, RemusSettings, Unprotected
+
+BANNER: Final = b"xl migration receiver ready, send binary domain data.\n"
+_FAILOVER_RE: Final = re.compile(rb"Remus Failover for domain (\d+)")
+
+
+class XlReceiveError(Exception):
+    pass
+
+
+class XlMigrateReceive:
+    """`xl migrate-receive -r -e` as a child process with its stdin and stdout ours."""
+
+    def __init__(self, xl_path: str = "xl", timeout: float = 30.0) -> None:
+        self.xl_path, self.timeout = xl_path, timeout
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            self.xl_path,
+            "migrate-receive",
+            "-r",  # Remus: a checkpointed stream
+            "-e",  # exit after the failover instead of waiting for the domain's death
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert self.proc.stdout is not None
+        try:
+            async with asyncio.timeout(self.timeout):
+                banner = await self.proc.stdout.readexactly(len(BANNER))
+        except (TimeoutError, asyncio.IncompleteReadError) as exc:
+            err = await self._stderr()
+            raise XlReceiveError(f"xl migrate-receive did not start: {err or exc}") from None
+        if banner != BANNER:
+            raise XlReceiveError(f"xl migrate-receive said {banner!r}, not its banner")
+
+    async def send(self, data: bytes) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(data)
+        await self.proc.stdin.drain()
+
+    async def finish(self) -> tuple[int, int | None, str]:
+        """Close xl's input (at a checkpoint boundary) and wait: (exit status, domid, stderr)."""
+        assert self.proc is not None and self.proc.stdin is not None
+        with contextlib.suppress(ConnectionError):
+            self.proc.stdin.close()
+        err = await self._stderr()
+        rc = await self.proc.wait()
+        m = _FAILOVER_RE.search(err.encode())
+        return rc, int(m.group(1)) if m else None, err
+
+    async def _stderr(self) -> str:
+        if self.proc is None or self.proc.stderr is None:
+            return ""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.timeout):
+                return (await self.proc.stderr.read()).decode(errors="replace")
+        return ""
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+
+
+class XenRemusSecondary(RemusSecondary):
+    """The secondary of one protection on a Xen host (dom0, root)."""
+
+    def __init__(
+        self,
+        stream: socket.socket,
+        control: Control,
+        settings: RemusSettings,
+        xl_path: str = "xl",
+    ) -> None:
+        super().__init__(None, stream, control, settings)  # type: ignore[arg-type]
+        self.xl = XlMigrateReceive(xl_path)
+        self.gate = CheckpointGate(Layer.LIBXL)
+        self.domid: int | None = None
+
+    async def _pump(self) -> None:
+        """Stream -> gate -> xl; ACK each checkpoint once xl has all of it."""
+        loop = asyncio.get_running_loop()
+        digest = hashlib.sha256()
+        while True:
+            data = await loop.run_in_executor(None, self.stream.recv, 1 << 20)
+            if not data:
+                return  # the primary is gone, or we broke the stream to fail over
+            for event in self.gate.receive_data(data):
+                if isinstance(event, Release):
+                    await self.xl.send(event.data)
+                    digest = hashlib.sha256(event.data)
+                elif isinstance(event, CheckpointComplete):
+                    digest.update(event.seq.to_bytes(8, "little"))
+                    self.status.checkpoints = event.seq
+                    self.status.state = "replicating"
+                    self.ctl.send(Ack(event.seq, digest.digest()))
+                    with contextlib.suppress(ConnectionError):
+                        await self.ctl.writer.drain()
+
+    async def run(self) -> int:  # type: ignore[override]
+        peer = await self.ctl.hello(Hello("secondary", {}, ("ack",)), self.settings.ack_timeout)
+        await self.xl.start()
+        try:
+            await self.xl.send(xl.SavefileHeader(json.dumps(peer.config).encode()).encode())
+            watch = asyncio.create_task(self._watch_heartbeats())
+            dog = asyncio.create_task(self._watchdog())
+            try:
+                await self._pump()
+            except (OSError, StreamError) as exc:  # a malformed stream: the error says where
+                self.status.reason = self.status.reason or f"stream: {exc}"
+            finally:
+                watch.cancel()
+                dog.cancel()
+            dropped = self.gate.end_of_stream()
+            if self.unprotected:
+                self.xl.kill()
+                self.status.state = "stopped"
+                raise Unprotected(self.status.reason)
+            if self.gate.seq == 0:
+                self.xl.kill()
+                raise RuntimeError("nothing to fail over to: no complete checkpoint")
+            self.status.state = "failing-over"
+            rc, domid, err = await self.xl.finish()
+            if rc != 0 or domid is None:
+                raise RuntimeError(f"xl migrate-receive failed over badly (status {rc}): {err}")
+            self.domid = domid
+            self.status.state = "failed-over"
+            if dropped:
+                self.status.reason += f" ({dropped} bytes of an incomplete checkpoint dropped)"
+            return domid
+        except BaseException:
+            self.xl.kill()
+            raise
