@@ -31,7 +31,8 @@ from .apicmds import (
     table,
 )
 from .demo import main as demo_main
-from .hypervisors.base import HypervisorError
+from .hypervisors.base import Hypervisor, HypervisorError
+from .hypervisors.select import BACKENDS, open_hypervisor
 from .hypervisors.sim import SimHypervisor
 from .protection.remus import RemusSettings, Unprotected
 from .protection.runner import (
@@ -101,12 +102,23 @@ def cmd_stream_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _hypervisor(args: argparse.Namespace) -> SimHypervisor:
-    return SimHypervisor(Path(args.host) if args.host else None)
+def _hypervisor(args: argparse.Namespace) -> Hypervisor:
+    return open_hypervisor(args.backend, Path(args.host) if args.host else None)
+
+
+def _where(hv: Hypervisor) -> str:
+    return str(hv.host) if isinstance(hv, SimHypervisor) else f"this host ({hv.name})"
+
+
+def _sim(args: argparse.Namespace) -> SimHypervisor:
+    hv = _hypervisor(args)
+    if not isinstance(hv, SimHypervisor):
+        raise SystemExit(f"remusctl: {args.command} needs the simulated hypervisor (--backend sim)")
+    return hv
 
 
 def cmd_domain_create(args: argparse.Namespace) -> int:
-    info = _hypervisor(args).create_domain(args.name, args.memory, dirty_rate=args.dirty_rate)
+    info = _sim(args).create_domain(args.name, args.memory, dirty_rate=args.dirty_rate)
     print(f"domain {info.name} (domid {info.domid}) running; service at {info.address}")
     return 0
 
@@ -148,12 +160,17 @@ def cmd_save(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     hv = _hypervisor(args)
     info = asyncio.run(restore_domain(hv, Path(args.file), args.name))
-    print(f"restored {info.name} (domid {info.domid}) on {hv.host}; service at {info.address}")
+    print(f"restored {info.name} (domid {info.domid}) on {_where(hv)}; service at {info.address}")
     return 0
 
 
 def _settings(args: argparse.Namespace) -> RemusSettings:
-    return RemusSettings(interval=args.interval / 1000.0)
+    s = RemusSettings(interval=args.interval / 1000.0)
+    if getattr(args, "heartbeat_timeout", None):
+        s.heartbeat_timeout = args.heartbeat_timeout / 1000.0
+    if getattr(args, "ack_timeout", None):
+        s.ack_timeout = args.ack_timeout / 1000.0
+    return s
 
 
 def cmd_protect(args: argparse.Namespace) -> int:
@@ -197,6 +214,9 @@ def cmd_protect(args: argparse.Namespace) -> int:
     if args.ssh is not None and not args.b:
         # as xl: "CMD HOST remusctl receive --stdio", or with an empty CMD, HOST alone
         receive = "remusctl receive --stdio" + (" -e" if args.e else "")
+        for opt in ("heartbeat_timeout", "ack_timeout"):
+            if getattr(args, opt):
+                receive += f" --{opt.replace('_', '-')} {getattr(args, opt):g}"
         command = f"{args.ssh} {args.to} {receive}" if args.ssh else args.to
     hv = _hypervisor(args)
     netbuf = "none" if args.n else args.netbuf
@@ -230,7 +250,7 @@ def cmd_receive(args: argparse.Namespace) -> int:
         print(f"replication ended by the primary ({exc}); the secondary copy was dropped")
         return 0
     print(
-        f"FAILOVER: {info.name} (domid {info.domid}) runs on {hv.host} from the last complete "
+        f"FAILOVER: {info.name} (domid {info.domid}) runs on {_where(hv)} from the last complete "
         f"checkpoint; service at {info.address}",
         flush=True,
     )
@@ -238,7 +258,7 @@ def cmd_receive(args: argparse.Namespace) -> int:
 
 
 def _statuses(args: argparse.Namespace) -> list[dict[str, Any]]:
-    d = _hypervisor(args).host / "remus"
+    d = _hypervisor(args).state_dir()
     out = [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] if d.exists() else []
     return [s for s in out if not getattr(args, "name", None) or s["name"] == args.name]
 
@@ -282,11 +302,35 @@ def cmd_unprotect(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_timeout_options(parser: argparse.ArgumentParser) -> None:
+    d = RemusSettings()
+    parser.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        metavar="MS",
+        help=f"the secondary fails over after this long without word from the primary "
+        f"(default {d.heartbeat_timeout * 1000:g}; under emulation, seconds)",
+    )
+    parser.add_argument(
+        "--ack-timeout",
+        type=float,
+        metavar="MS",
+        help=f"the primary gives up on a checkpoint not ACKed in this time "
+        f"(default {d.ack_timeout * 1000:g})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="remusctl", description=__doc__)
     p.add_argument(
         "--host",
         help="simulated host directory (default: $REMUS_SIM_HOST, else a per-user default)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        help="hypervisor: xen (a Xen 4.17 dom0), sim (the simulated one) or auto, the "
+        "default ($REMUS_BACKEND): xen where /dev/xen/privcmd and xenstore are present",
     )
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -350,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="replicate from this process (as xl remus) instead of asking remusd",
     )
     pr.add_argument("--json", action="store_true")
+    add_timeout_options(pr)
     add_client_options(pr)
     add_netbuf_option(pr)
     pr.set_defaults(func=cmd_protect)
@@ -362,6 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rc.add_argument("-e", action="store_true", help=argparse.SUPPRESS)
     rc.add_argument("-i", dest="interval", type=float, default=200.0, help=argparse.SUPPRESS)
+    add_timeout_options(rc)
     rc.set_defaults(func=cmd_receive)
     local_help = "a --foreground protection or `receive` of this host (status files)"
     stt = sub.add_parser("status", help="state of the protections on this host")

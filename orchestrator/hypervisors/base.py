@@ -7,7 +7,9 @@ imports a backend directly. What only Xen has stays in the Xen backend.
 from __future__ import annotations
 
 import abc
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -92,3 +94,17 @@ class Hypervisor(abc.ABC):
     @abc.abstractmethod
     def helper_env(self) -> dict[str, str]:
         """Environment for libxl-save-helper (which helper, which host)."""
+
+    def state_dir(self) -> Path:
+        """Where protections on this host publish their status files."""
+        return Path(os.environ.get("REMUS_STATE_DIR", "/var/lib/remus"))
+
+    def vif_name(self, domid: int) -> str | None:
+        """The host end of the domain's network interface, where its output can be held."""
+        return None
+
+    # disk replication needs a backend that can hand out a block dirty map
+    supports_disk_replication: bool = False
+
+    def disk_of(self, domid: int) -> Any:
+        raise HypervisorError(f"the {self.name} backend cannot replicate disks")

@@ -89,6 +89,7 @@ def have_netns() -> bool:
 
 class SimHypervisor(Hypervisor):
     name = "sim"
+    supports_disk_replication = True
 
     def __init__(self, host: Path | None = None, use_netns: bool | None = None) -> None:
         self.host = Path(host) if host is not None else default_host_dir()
@@ -235,6 +236,9 @@ class SimHypervisor(Hypervisor):
             disk = Path(config_disk(config))
         dom = self._allocate(name, kb * 1024 // PAGE_SIZE, dtype, uuid, disk)
         return self._info(dom)
+
+    def state_dir(self) -> Path:
+        return self.host / "remus"
 
     def disk_of(self, domid: int) -> SimDomain:
         """The domain's handle, for the disk replication device (image and dirty map)."""
