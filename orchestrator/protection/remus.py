@@ -30,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from ..devices.base import CheckpointDevice
 from ..devices.disk import DiskReplica, DiskReplicaError
@@ -106,6 +106,14 @@ class RemusStatus:
             self.initial_pages = pages
         else:
             self.dirty_pages.append(pages)
+
+
+class Fence(Protocol):
+    """The primary's self-fencing guard (:mod:`.fence`)."""
+
+    def pending(self) -> None: ...
+    def arm(self) -> None: ...
+    def disarm(self) -> None: ...
 
 
 class Unprotected(Exception):
@@ -185,6 +193,7 @@ class RemusPrimary:
         control: Control | None,
         settings: RemusSettings,
         devices: Sequence[CheckpointDevice] = (),
+        fence: Fence | None = None,
     ) -> None:
         """``control`` None is `xl remus -b`: the stream goes to a sink, nobody ACKs,
         and each checkpoint commits as soon as it is written (unsafe: debugging and
@@ -192,6 +201,7 @@ class RemusPrimary:
         self.hv, self.domain = hv, domain
         self.stream, self.ctl, self.settings = stream, control, settings
         self.devices = list(devices)
+        self.fence = fence
         self._epoch = 0
         self.status = RemusStatus()
         self.session: HelperSession | None = None
@@ -274,6 +284,8 @@ class RemusPrimary:
         fut: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
         self._acks[seq] = fut
         sent = time.perf_counter()
+        if self.fence is not None:  # from here on the secondary may hold a copy
+            self.fence.pending()
         try:
             await _send_nowait(self.stream, libxl.CHECKPOINT_END_RECORD)
             if self.ctl is None:  # -b: nobody to wait for
@@ -290,6 +302,8 @@ class RemusPrimary:
             if not fut.done():
                 fut.cancel()
         self._progress = time.monotonic()
+        if self.fence is not None:  # the secondary now holds a copy it can start
+            self.fence.arm()
         self.status.ack_lag_seconds.append(time.perf_counter() - sent)
         self.status.checkpoints = seq
         self.status.last_checkpoint_at = time.time()
@@ -339,6 +353,8 @@ class RemusPrimary:
             for dev in self.devices:  # replication is over: the guest's output flows again
                 with contextlib.suppress(Exception):
                     await dev.teardown(release=True)
+            if self.fence is not None:  # ended on purpose: the domain stays here
+                self.fence.disarm()
         self.status.state = "stopped"
         return self.status
 

@@ -27,16 +27,18 @@ from ..devices.disk import DiskReplica, DiskSender
 from ..devices.netbuf_nfqueue import NfqueueNetbuf, nfqueue_available
 from ..devices.netbuf_plug import PlugNetbuf, plug_available
 from ..devices.netbuf_proxy import ProxyNetbuf
-from ..hypervisors.sim import SimHypervisor
+from ..hypervisors.base import Hypervisor
 from ..transport.channels import Listener, connect, parse_addr
 from ..transport.control import Shutdown
 from ..transport.stdio import CommandLink, open_command, open_stdio
+from .fence import FenceGuard, marker_path
 from .remus import PAUSE_BUCKETS, Control, RemusPrimary, RemusSecondary, RemusSettings, RemusStatus
+from .xen_receiver import XenRemusSecondary
 
 
-def status_path(hv: SimHypervisor, name: str, status_dir: Path | None = None) -> Path:
-    """Where a protection publishes its status: ``<host>/remus`` unless remusd says."""
-    d = status_dir or hv.host / "remus"
+def status_path(hv: Hypervisor, name: str, status_dir: Path | None = None) -> Path:
+    """Where a protection publishes its status: the backend's state dir unless remusd says."""
+    d = status_dir or hv.state_dir()
     d.mkdir(parents=True, exist_ok=True)
     return d / f"{name}.json"
 
@@ -96,7 +98,7 @@ def add_netbuf_option(parser: Any) -> None:
     )
 
 
-def choose_netbuf(hv: SimHypervisor, domid: int, mode: str) -> str:
+def choose_netbuf(hv: Hypervisor, domid: int, mode: str) -> str:
     """auto: what Xen uses (plug qdisc) where the kernel has it, else NFQUEUE on the
     guest's vif, else the userspace proxy."""
     if mode != "auto":
@@ -110,7 +112,7 @@ def choose_netbuf(hv: SimHypervisor, domid: int, mode: str) -> str:
 
 
 async def run_primary(
-    hv: SimHypervisor,
+    hv: Hypervisor,
     name: str,
     to: str,
     settings: RemusSettings,
@@ -119,10 +121,21 @@ async def run_primary(
     blackhole: bool = False,
     status_dir: Path | None = None,
     command: str | None = None,
+    fence: bool | None = None,
 ) -> RemusStatus:
     """``command``: the stream and control channels run over that shell command's
-    stdin and stdout (`xl remus -s`), instead of a TCP connection to ``to``."""
+    stdin and stdout (`xl remus -s`), instead of a TCP connection to ``to``.
+
+    ``fence`` (default: on Xen): a guard process destroys the domain if this
+    process dies once the secondary holds a checkpoint (:mod:`.fence`).
+    """
     info = hv.lookup(name)
+    if disk and not blackhole and not hv.supports_disk_replication:
+        raise RuntimeError(
+            f"the {hv.name} backend cannot replicate {name}'s disks (Xen's Remus needs DRBD "
+            "or blktap, which Debian's libxl lacks): protect with -d -F, and put the disks "
+            "on storage both hosts share"
+        )
     devices: list[CheckpointDevice] = []
     netdev: NfqueueNetbuf | None = None
     proxy: ProxyNetbuf | None = None
@@ -155,8 +168,13 @@ async def run_primary(
     if ctl is not None and disk and hv.disk_of(info.domid).disk_blocks:
         disk_sender = DiskSender(hv.disk_of(info.domid), ctl.send)
         devices.append(disk_sender)
-    primary = RemusPrimary(hv, info, stream, ctl, settings, devices)
     path = status_path(hv, name, status_dir)
+    guard: FenceGuard | None = None
+    if (hv.name == "xen" if fence is None else fence) and ctl is not None:
+        with contextlib.suppress(FileNotFoundError):
+            marker_path(path.parent, name).unlink()
+        guard = FenceGuard(hv.name, info.domid, info.name, path.parent)
+    primary = RemusPrimary(hv, info, stream, ctl, settings, devices, fence=guard)
 
     def make() -> dict[str, Any]:
         held = netdev.held_packets if netdev else None
@@ -225,7 +243,7 @@ class _Sink:
         self._far.close()
 
 
-async def run_secondary_stdio(hv: SimHypervisor, settings: RemusSettings) -> Any:
+async def run_secondary_stdio(hv: Hypervisor, settings: RemusSettings) -> Any:
     """`remusctl receive --stdio`: both channels over our stdin and stdout (``-s``)."""
     stream, ctl, link = await open_stdio()
     try:
@@ -234,7 +252,7 @@ async def run_secondary_stdio(hv: SimHypervisor, settings: RemusSettings) -> Any
         link.close()
 
 
-async def run_secondary(hv: SimHypervisor, listen: str, settings: RemusSettings) -> Any:
+async def run_secondary(hv: Hypervisor, listen: str, settings: RemusSettings) -> Any:
     host, port = parse_addr(listen)
     listener = Listener(host, port)
     await listener.start()
@@ -245,7 +263,7 @@ async def run_secondary(hv: SimHypervisor, listen: str, settings: RemusSettings)
 
 
 async def run_secondary_on(
-    hv: SimHypervisor,
+    hv: Hypervisor,
     stream: socket.socket,
     ctl: Control,
     settings: RemusSettings,
@@ -257,14 +275,18 @@ async def run_secondary_on(
     ``last_input``: when the peer was last heard on any channel, for links
     (``-s``) where control frames queue behind stream data.
     """
-    secondary = RemusSecondary(
-        hv,
-        stream,
-        ctl,
-        settings,
-        disk_replica=lambda t: DiskReplica(hv.disk_of(t.domid)),
-        last_input=last_input,
-    )
+    secondary: RemusSecondary
+    if hv.name == "xen":  # Xen's own restore, fed whole checkpoints
+        secondary = XenRemusSecondary(hv, stream, ctl, settings, last_input=last_input)
+    else:
+        secondary = RemusSecondary(
+            hv,
+            stream,
+            ctl,
+            settings,
+            disk_replica=lambda t: DiskReplica(hv.disk_of(t.domid)),
+            last_input=last_input,
+        )
     name_box: dict[str, str] = {"name": "incoming"}
 
     def make() -> dict[str, Any]:

@@ -25,7 +25,8 @@ import socket
 import sys
 from pathlib import Path
 
-from ..hypervisors.sim import SimHypervisor
+from ..hypervisors.base import Hypervisor
+from ..hypervisors.select import open_hypervisor
 from .remus import Control, RemusSettings, Unprotected
 from .runner import NETBUF_MODES, run_primary, run_secondary_on
 
@@ -36,7 +37,7 @@ def _settings(args: argparse.Namespace) -> RemusSettings:
     )
 
 
-async def _secondary(hv: SimHypervisor, args: argparse.Namespace) -> int:
+async def _secondary(hv: Hypervisor, args: argparse.Namespace) -> int:
     stream = socket.socket(fileno=args.stream_fd)
     stream.setblocking(True)
     reader, writer = await asyncio.open_connection(sock=socket.socket(fileno=args.control_fd))
@@ -54,6 +55,7 @@ async def _secondary(hv: SimHypervisor, args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="remus-worker", description=__doc__)
     ap.add_argument("--host", type=Path, help="simulated host directory")
+    ap.add_argument("--backend", default=None, help="xen, sim or auto (remusd's own)")
     ap.add_argument("--status-dir", type=Path, required=True)
     ap.add_argument("-i", dest="interval", type=float, default=200.0)
     ap.add_argument("--heartbeat-timeout", type=float, default=300.0, help="ms")
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--stream-fd", type=int, required=True)
     s.add_argument("--control-fd", type=int, required=True)
     args = ap.parse_args(argv)
-    hv = SimHypervisor(args.host)
+    hv = open_hypervisor(args.backend, args.host)
     if args.role == "secondary":
         return asyncio.run(_secondary(hv, args))
     status = asyncio.run(

@@ -33,10 +33,13 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
 import re
 import socket
+from collections.abc import Callable
 from typing import Final
 
+from ..hypervisors.base import DomainInfo, Hypervisor
 from ..streams import xl
 from ..streams.errors import Layer, StreamError
 from ..streams.gate import CheckpointComplete, CheckpointGate, Release
@@ -54,13 +57,18 @@ class XlReceiveError(Exception):
 class XlMigrateReceive:
     """`xl migrate-receive -r -e` as a child process with its stdin and stdout ours."""
 
-    def __init__(self, xl_path: str = "xl", timeout: float = 30.0) -> None:
-        self.xl_path, self.timeout = xl_path, timeout
+    def __init__(self, xl_path: str | None = None, timeout: float = 30.0) -> None:
+        # $REMUS_XL: another xl (a wrapper that logs or copies its input, say)
+        self.xl_path = xl_path or os.environ.get("REMUS_XL", "xl")
+        self.timeout = timeout
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
+        # REMUS_XL_VERBOSE=1: libxl's and libxc's debug log on xl's stderr
+        verbose = ["-vvv"] if os.environ.get("REMUS_XL_VERBOSE") == "1" else []
         self.proc = await asyncio.create_subprocess_exec(
             self.xl_path,
+            *verbose,
             "migrate-receive",
             "-r",  # Remus: a checkpointed stream
             "-e",  # exit after the failover instead of waiting for the domain's death
@@ -111,13 +119,16 @@ class XenRemusSecondary(RemusSecondary):
 
     def __init__(
         self,
+        hv: Hypervisor,
         stream: socket.socket,
         control: Control,
         settings: RemusSettings,
-        xl_path: str = "xl",
+        xl_path: str | None = None,
+        last_input: Callable[[], float] | None = None,
     ) -> None:
-        super().__init__(None, stream, control, settings)  # type: ignore[arg-type]
-        self.xl = XlMigrateReceive(xl_path)
+        super().__init__(hv, stream, control, settings, last_input=last_input)
+        # xl's restore of a big first checkpoint takes a while under TCG: no hurry
+        self.xl = XlMigrateReceive(xl_path, timeout=max(30.0, 4 * settings.ack_timeout))
         self.gate = CheckpointGate(Layer.LIBXL)
         self.domid: int | None = None
 
@@ -141,8 +152,19 @@ class XenRemusSecondary(RemusSecondary):
                     with contextlib.suppress(ConnectionError):
                         await self.ctl.writer.drain()
 
-    async def run(self) -> int:  # type: ignore[override]
+    async def run(self) -> DomainInfo:
         peer = await self.ctl.hello(Hello("secondary", {}, ("ack",)), self.settings.ack_timeout)
+        c_info = peer.config.get("c_info", {})
+        # what is coming: xl names it NAME--incoming until the failover
+        self.target = DomainInfo(
+            domid=-1,
+            name=str(c_info.get("name", "incoming")),
+            uuid=str(c_info.get("uuid", peer.protection)),
+            domain_type=str(c_info.get("type", "pv")),
+            memory_bytes=int(peer.config.get("b_info", {}).get("max_memkb", 0)) * 1024,
+            state="incoming",
+            config=peer.config,
+        )
         await self.xl.start()
         try:
             await self.xl.send(xl.SavefileHeader(json.dumps(peer.config).encode()).encode())
@@ -171,7 +193,8 @@ class XenRemusSecondary(RemusSecondary):
             self.status.state = "failed-over"
             if dropped:
                 self.status.reason += f" ({dropped} bytes of an incomplete checkpoint dropped)"
-            return domid
+            self.target = self.hv.lookup(domid)
+            return self.target
         except BaseException:
             self.xl.kill()
             raise

@@ -28,6 +28,7 @@ from typing import Any, Final
 
 from ..devices.netbuf_nfqueue import nfqueue_available
 from ..devices.netbuf_plug import plug_available
+from ..hypervisors.select import open_hypervisor
 from ..hypervisors.sim import SimHypervisor
 from ..protection.remus import PAUSE_BUCKETS
 from ..savehelper.spawn import HelperNotFound, find_helper
@@ -99,7 +100,8 @@ class Service:
         self.cfg = cfg
         Path(cfg.state.dir).mkdir(parents=True, exist_ok=True)
         self.registry = Registry(cfg.registry_path)
-        self.hv = SimHypervisor(Path(cfg.state.host) if cfg.state.host else None)
+        # Xen where this is a dom0 ($REMUS_BACKEND overrides), else the simulation
+        self.hv = open_hypervisor(None, Path(cfg.state.host) if cfg.state.host else None)
         self.supervisor = Supervisor(cfg, self.registry, self.hv, self.emit)
         self.metrics = MetricsRegistry()
         self._new_event = asyncio.Condition()
@@ -271,7 +273,7 @@ class Service:
         return Response(
             body={
                 "backend": self.hv.name,
-                "sim_host": str(self.hv.host),
+                "sim_host": str(self.hv.host) if isinstance(self.hv, SimHypervisor) else None,
                 "xen_version": _xen_version(),
                 "helper": {
                     "path": helper,

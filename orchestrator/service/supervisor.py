@@ -41,8 +41,8 @@ from typing import Any, Final
 
 from ..devices.netbuf_nfqueue import nfqueue_available, remove_stale_rules
 from ..devices.netbuf_plug import plug_available
-from ..hypervisors.base import DomainNotFound, HypervisorError
-from ..hypervisors.sim import SimHypervisor
+from ..hypervisors.base import DomainNotFound, Hypervisor, HypervisorError
+from ..protection.fence import marker_path
 from ..savehelper.spawn import HelperNotFound, find_helper
 from ..transport.channels import (
     CONTROL,
@@ -128,7 +128,7 @@ def _free_memory() -> int:
     return 0
 
 
-def netbuf_options(hv: SimHypervisor, domid: int) -> dict[str, str | None]:
+def netbuf_options(hv: Hypervisor, domid: int) -> dict[str, str | None]:
     """Each output-buffer kind and why it cannot be used here (None: it can)."""
     vif = hv.vif_name(domid)
     return {
@@ -143,7 +143,7 @@ class Supervisor:
         self,
         cfg: Config,
         registry: Any,
-        hv: SimHypervisor,
+        hv: Hypervisor,
         emit: Callable[[str, str, str | None, dict[str, Any] | None], None],
     ) -> None:
         self.cfg, self.registry, self.hv = cfg, registry, hv
@@ -207,6 +207,11 @@ class Supervisor:
         """A worker that died mid-checkpoint leaves its guest suspended: resume it; and
         its output buffer (NFQUEUE rules with nobody reading the queue) would keep
         every packet the guest sends: drop it."""
+        if marker_path(self.status_dir, name).exists():
+            # the worker's fence guard stopped this copy: the secondary runs the guest
+            # now, and resuming ours would make two
+            self.emit("fenced", "domain was fenced by its guard: not resumed", name, None)
+            return
         try:
             info = self.hv.lookup(name)
         except DomainNotFound:
@@ -310,12 +315,14 @@ class Supervisor:
         self.registry.update_state(name, "starting", "")
 
     def _worker_base(self) -> list[str]:
+        host = getattr(self.hv, "host", None)  # the simulated host's directory
         return [
             sys.executable,
             "-m",
             WORKER_MODULE,
-            "--host",
-            str(self.hv.host),
+            *(["--host", str(host)] if host is not None else []),
+            "--backend",
+            self.hv.name,
             "--status-dir",
             str(self.status_dir),
             "--heartbeat-timeout",
