@@ -4,7 +4,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 py=.venv/bin/python
 status=0
-echo "== ruff"; $py -m ruff check orchestrator helpers tests benchmarks || status=1
+echo "== ruff"; $py -m ruff check orchestrator helpers tests benchmarks lab || status=1
 echo "== mypy --strict orchestrator/"; $py -m mypy --strict orchestrator || status=1
 echo "== pytest"
 $py -m pytest -q -rs "$@"

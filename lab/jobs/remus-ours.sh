@@ -1,0 +1,31 @@
+# Remus with remusctl on the lab's PV guest, the primary killed (SIGKILL) after a
+# while: prints FIGURE lines and what the secondary serves afterwards.
+# Primary and secondary share this dom0 (as `xl remus ... localhost` does); the
+# replication runs over `-s` (both channels on a command's stdin and stdout).
+source /opt/remus/lab/lib.sh
+start_guest || exit 1
+pdom=$(xl domid labguest)
+boot=$(kv boot)
+mkdir -p /tmp/remus-b
+python3 -m orchestrator.cli --backend xen protect labguest --foreground -s "" --to "env REMUS_STATE_DIR=/tmp/remus-b python3 -m orchestrator.cli --backend xen receive --stdio --heartbeat-timeout 3000 --ack-timeout 30000" -n -d -F -i ${INTERVAL:-200} --heartbeat-timeout 3000 --ack-timeout 30000 > /tmp/protect.log 2>&1 &
+cps() { python3 -c "import json;print(json.load(open('/tmp/remus/labguest.json'))['checkpoints'])" 2>/dev/null || echo 0; }
+t0=$(now)
+until [ "$(cps)" -ge 3 ]; do sleep 0.5; [ $(echo "$(now) $t0" | awk '{print ($1-$2 > 120)}') = 1 ] && { echo "no checkpoint in 120 s"; tail /tmp/protect.log; exit 1; }; done
+echo "FIGURE ours_first_checkpoints_s $(echo "$(now) $t0" | awk '{print $1-$2}')"
+c0=$(cps); s0=$(now)
+for i in $(seq 1 ${KEYS:-20}); do kv put=k$i=v$i >/dev/null; sleep 0.5; done
+c1=$(cps); s1=$(now)
+echo "FIGURE ours_checkpoints_per_s $(echo "$c1 $c0 $s1 $s0" | awk '{print ($1-$2)/($3-$4)}')"
+python3 -m orchestrator.cli --backend xen status --local 2>&1 | tail -2
+pkill -9 -f "orchestrator.cli --backend xen protect"; t0=$(now)
+while :; do
+  if ! xl list $pdom >/dev/null 2>&1 && [ -n "$(KV_TIMEOUT=1 kv counter)" ]; then break; fi
+  [ $(echo "$(now) $t0" | awk '{print ($1-$2 > 60)}') = 1 ] && { echo "no failover in 60 s"; break; }
+  sleep 0.1
+done
+echo "FIGURE ours_failover_s $(echo "$(now) $t0" | awk '{print $1-$2}')"
+sleep 1; xl list; echo "copies=$(running_copies)"
+echo "boot_same=$([ "$(kv boot)" = "$boot" ] && echo yes || echo no)"
+for i in 1 5 10 15; do echo "k$i=$(kv get=k$i)"; done
+grep -v "^ \|Frames\|^  File" /tmp/protect.log | tail -8
+cp /tmp/protect.log /mnt/lab/
