@@ -91,7 +91,7 @@ fi
 kver=$(ls "$root/lib/modules" | sort -V | tail -1)
 cp "$root/boot/vmlinuz-$kver" "$cache/vmlinuz"
 
-inputs=$(cat "$0" "$here/dom0-init" "$here/guest-init" "$here/guest-kv.cgi" "$cache/rootfs.stamp" | sha256sum | cut -c1-16)
+inputs=$(cat "$here/build.sh" "$here/dom0-init" "$here/guest-init" "$here/guest-kv.cgi" "$cache/rootfs.stamp" | sha256sum | cut -c1-16)
 if [ "$(cat "$cache/images.stamp" 2>/dev/null)" = "$inputs" ] && [ -s "$cache/dom0.cpio.gz" ]; then
     log "images up to date in $cache"
     echo "$cache"
