@@ -34,10 +34,12 @@ from .demo import main as demo_main
 from .hypervisors.base import Hypervisor, HypervisorError
 from .hypervisors.select import BACKENDS, open_hypervisor
 from .hypervisors.sim import SimHypervisor
+from .protection.colo import ColoSettings
 from .protection.remus import RemusSettings, Unprotected
 from .protection.runner import (
     add_netbuf_option,
     run_primary,
+    run_primary_colo,
     run_secondary,
     run_secondary_stdio,
 )
@@ -175,6 +177,11 @@ def _settings(args: argparse.Namespace) -> RemusSettings:
 
 def cmd_protect(args: argparse.Namespace) -> int:
     if not args.foreground:
+        if args.colo:
+            print(
+                "remusctl: --colo runs in this process for now: add --foreground", file=sys.stderr
+            )
+            return 2
         if args.b or args.ssh is not None:
             print("remusctl: -b and -s run in this process: add --foreground", file=sys.stderr)
             return 2
@@ -219,6 +226,8 @@ def cmd_protect(args: argparse.Namespace) -> int:
                 receive += f" --{opt.replace('_', '-')} {getattr(args, opt):g}"
         command = f"{args.ssh} {args.to} {receive}" if args.ssh else args.to
     hv = _hypervisor(args)
+    if args.colo:
+        return _protect_colo(hv, args, command)
     netbuf = "none" if args.n else args.netbuf
     status = asyncio.run(
         run_primary(
@@ -235,6 +244,29 @@ def cmd_protect(args: argparse.Namespace) -> int:
     print(
         f"replication of {args.name} ended after {status.checkpoints} checkpoints: "
         f"{status.reason or 'stopped'}; the domain runs on here"
+    )
+    return 0
+
+
+def _protect_colo(hv: Hypervisor, args: argparse.Namespace, command: str | None) -> int:
+    print(
+        "remusctl: COLO: both copies run and each checkpoint makes the secondary's memory "
+        "the primary's. Not there yet: the network half (input mirrored, output compared, "
+        "checkpoints on divergence) and disk replication; checkpoints come from the timer",
+        file=sys.stderr,
+    )
+    base = _settings(args)
+    settings = ColoSettings(
+        **dataclasses.asdict(base),
+        checkpoint_max_interval=args.checkpoint_max_interval,
+        verify_memory=args.verify_memory,
+    )
+    status = asyncio.run(run_primary_colo(hv, args.name, args.to or "", settings, command=command))
+    print(
+        f"COLO of {args.name} ended after {status.checkpoints} checkpoints "
+        f"({status.by_divergence} on divergence, {status.by_timer} on the timer, "
+        f"{status.memory_verified} with equal memories): {status.reason or 'stopped'}; "
+        "the domain runs on here"
     )
     return 0
 
@@ -392,6 +424,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--foreground",
         action="store_true",
         help="replicate from this process (as xl remus) instead of asking remusd",
+    )
+    pr.add_argument(
+        "--colo",
+        action="store_true",
+        help="COLO instead of Remus: the secondary copy runs too (with --foreground)",
+    )
+    pr.add_argument(
+        "--checkpoint-max-interval",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="COLO: at most this many seconds between checkpoints (default 5)",
+    )
+    pr.add_argument(
+        "--verify-memory",
+        action="store_true",
+        help="COLO: compare a digest of both memories at every checkpoint",
     )
     pr.add_argument("--json", action="store_true")
     add_timeout_options(pr)

@@ -57,6 +57,16 @@ class GuestKV:
             self.keys, self.generation, self.journal_seq = 0, 0, 0
             self._write_header()
 
+    def reload(self) -> None:
+        """Re-read the header from memory: after a COLO checkpoint the toolstack
+        overwrote this guest's memory with the primary's while it was suspended,
+        and the guest carries on as the primary's copy (a real guest holds no state
+        outside its memory; this process caches the header's counters)."""
+        magic, _version, slots, keys, gen, jseq = HEADER.unpack_from(self.mem, 0)
+        if magic != MAGIC:
+            raise BadItem("no store in memory after a checkpoint")
+        self.slots, self.keys, self.generation, self.journal_seq = slots, keys, gen, jseq
+
     def _mark(self, offset: int, length: int) -> None:
         first, last = offset // PAGE, (offset + length - 1) // PAGE
         self.dirty[first : last + 1] = b"\x01" * (last - first + 1)

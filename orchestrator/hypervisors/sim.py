@@ -240,6 +240,10 @@ class SimHypervisor(Hypervisor):
     def state_dir(self) -> Path:
         return self.host / "remus"
 
+    def memory_path(self, domid: int) -> Path:
+        """The domain's memory file (for COLO's memory digests)."""
+        return domain_path(self.host, domid) / "memory"
+
     def disk_of(self, domid: int) -> SimDomain:
         """The domain's handle, for the disk replication device (image and dirty map)."""
         return self._domain(domid)
@@ -252,13 +256,17 @@ class SimHypervisor(Hypervisor):
 
     def _netns(self, domid: int) -> tuple[str, str, str, str]:
         """(namespace, host-side vif, host address, guest address) of a domain."""
-        net = (int(self.tag, 16) % 250) + 1
+        # a /24 per host from all 16 bits of its tag: with 250 subnets (the
+        # third octet alone) two hosts collided in about one demo run of a
+        # hundred, and then one guest's address routed to the other's veth
+        t = int(self.tag, 16)
+        net = f"10.{64 + (t >> 8) % 192}.{t & 0xFF}"
         base = (domid % 63) * 4
         return (
             f"rsim-{self.tag}-{domid}",
             f"vif{self.tag}.{domid}"[:15],
-            f"10.213.{net}.{base + 1}",
-            f"10.213.{net}.{base + 2}",
+            f"{net}.{base + 1}",
+            f"{net}.{base + 2}",
         )
 
     def vif_name(self, domid: int) -> str | None:

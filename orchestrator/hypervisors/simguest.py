@@ -116,6 +116,7 @@ class Guest:
                     self.dom.write_state(DomainState(RunState.SHUTDOWN, ShutdownReason.SUSPEND))
                     writer.write(b"s")
                 elif req == b"R":
+                    self.kv.reload()  # memory may have been replaced while suspended (COLO)
                     self.dom.write_state(DomainState(RunState.RUNNING))
                     self.running.set()
                     writer.write(b"r")

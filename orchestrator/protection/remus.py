@@ -145,8 +145,16 @@ class Control:
     async def hello(self, ours: Hello, timeout: float) -> Hello:
         self.send(ours)
         await self.writer.drain()
-        peer = await asyncio.wait_for(self.next(), timeout)
-        assert isinstance(peer, Hello)  # the codec's table allows nothing else first
+        return await self.receive_hello(timeout)
+
+    async def receive_hello(self, timeout: float) -> Hello:
+        """The peer's HELLO; a secondary reads it before answering, to learn what the
+        primary asks for (Remus or COLO), and :meth:`hello` then returns the same."""
+        peer = getattr(self, "_peer_hello", None)
+        if peer is None:
+            peer = await asyncio.wait_for(self.next(), timeout)
+            assert isinstance(peer, Hello)  # the codec's table allows nothing else first
+            self._peer_hello: Hello | None = peer
         return peer
 
     def close(self) -> None:

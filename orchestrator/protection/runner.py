@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -31,8 +32,17 @@ from ..hypervisors.base import Hypervisor
 from ..transport.channels import Listener, connect, parse_addr
 from ..transport.control import Shutdown
 from ..transport.stdio import CommandLink, open_command, open_stdio
+from .colo import ColoPrimary, ColoSecondary, ColoSettings, ColoStatus
 from .fence import FenceGuard, marker_path
-from .remus import PAUSE_BUCKETS, Control, RemusPrimary, RemusSecondary, RemusSettings, RemusStatus
+from .remus import (
+    PAUSE_BUCKETS,
+    RECENT,
+    Control,
+    RemusPrimary,
+    RemusSecondary,
+    RemusSettings,
+    RemusStatus,
+)
 from .xen_receiver import XenRemusSecondary
 
 
@@ -243,6 +253,58 @@ class _Sink:
         self._far.close()
 
 
+async def run_primary_colo(
+    hv: Hypervisor,
+    name: str,
+    to: str,
+    settings: ColoSettings,
+    status_dir: Path | None = None,
+    command: str | None = None,
+) -> ColoStatus:
+    """COLO from this process: both copies run; the secondary takes each checkpoint."""
+    info = hv.lookup(name)
+    link: CommandLink | None = None
+    if command is not None:
+        stream, ctl, link = await open_command(command)
+    else:
+        stream, ctl = await connect(to, info.uuid)
+    primary = ColoPrimary(hv, info, stream, ctl, settings)
+    path = status_path(hv, name, status_dir)
+
+    def make() -> dict[str, Any]:
+        st = primary.status
+        pauses = st.pause_seconds[-RECENT:]
+        return {
+            "name": name,
+            "role": "primary",
+            "mode": "colo",
+            "pid": os.getpid(),
+            "state": st.state,
+            "checkpoints": st.checkpoints,
+            "checkpoints_by_divergence": st.by_divergence,
+            "checkpoints_by_timer": st.by_timer,
+            "memory_verified": st.memory_verified,
+            "pause_ms_p50": round(statistics.median(pauses) * 1e3, 3) if pauses else None,
+            "peer": to,
+            "reason": st.reason,
+            "updated": time.time(),
+        }
+
+    publisher = asyncio.create_task(_publish(path, make))
+    asyncio.get_running_loop().add_signal_handler(
+        signal.SIGTERM, lambda: primary.session and asyncio.ensure_future(primary.session.abort())
+    )
+    try:
+        return await primary.run()
+    finally:
+        publisher.cancel()
+        _write_json(path, make())
+        stream.close()
+        ctl.close()
+        if link is not None:
+            link.close()
+
+
 async def run_secondary_stdio(hv: Hypervisor, settings: RemusSettings) -> Any:
     """`remusctl receive --stdio`: both channels over our stdin and stdout (``-s``)."""
     stream, ctl, link = await open_stdio()
@@ -276,7 +338,15 @@ async def run_secondary_on(
     (``-s``) where control frames queue behind stream data.
     """
     secondary: RemusSecondary
-    if hv.name == "xen":  # Xen's own restore, fed whole checkpoints
+    peer = await ctl.receive_hello(settings.ack_timeout)
+    if "colo" in peer.capabilities:
+        if hv.name == "xen":
+            raise RuntimeError("COLO on Xen is not supported (Xen ships COLO for HVM only)")
+        colo = ColoSettings(
+            **dataclasses.asdict(settings), verify_memory="verify-memory" in peer.capabilities
+        )
+        secondary = ColoSecondary(hv, stream, ctl, colo)
+    elif hv.name == "xen":  # Xen's own restore, fed whole checkpoints
         secondary = XenRemusSecondary(hv, stream, ctl, settings, last_input=last_input)
     else:
         secondary = RemusSecondary(
