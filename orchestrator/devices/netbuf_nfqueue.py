@@ -16,6 +16,7 @@ import asyncio
 import shutil
 import subprocess
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from .base import CheckpointDevice
@@ -47,30 +48,31 @@ def remove_stale_rules(vif: str) -> None:
             subprocess.run(["iptables", "-w", "-D", *words[1:]], capture_output=True)
 
 
-class NfqueueNetbuf(CheckpointDevice):
-    name = "netbuf-nfqueue"
+class PacketQueue:
+    """An NFQUEUE bound in this process and the iptables rule that feeds it.
 
-    def __init__(self, vif: str, queue_num: int) -> None:
-        self.vif = vif
+    ``chain_match`` is the rule without its target, e.g. ``["INPUT", "-i", vif]``.
+    Each packet goes to ``on_packet`` on the event loop; its verdict is the
+    caller's (``accept()``/``drop()``), whenever it likes.
+    """
+
+    def __init__(
+        self, chain_match: list[str], queue_num: int, on_packet: Callable[[Any], None]
+    ) -> None:
         self.queue_num = queue_num
-        self.epoch = 0
-        self.held: deque[tuple[int, Any]] = deque()
-        self.released = 0
-        self.max_held = 0
+        self._on_packet = on_packet
         self._nfq: Any = None
-        self._rule = ["INPUT", "-i", vif, "-j", "NFQUEUE", "--queue-num", str(queue_num)]
+        self._rule = [*chain_match, "-j", "NFQUEUE", "--queue-num", str(queue_num)]
 
     def _iptables(self, op: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["iptables", "-w", op, *self._rule], capture_output=True, text=True)
 
-    def _on_packet(self, pkt: Any) -> None:
-        self.held.append((self.epoch, pkt))
-        self.max_held = max(self.max_held, len(self.held))
+    def drain(self) -> None:
+        """Take what the kernel has queued now (e.g. just after the guest stopped)."""
+        if self._nfq is not None:
+            self._nfq.run(block=False)
 
-    def _drain(self) -> None:
-        self._nfq.run(block=False)
-
-    async def setup(self) -> None:
+    def open(self) -> None:
         why = nfqueue_available()
         if why:
             raise NetbufUnavailable(why)
@@ -91,12 +93,49 @@ class NfqueueNetbuf(CheckpointDevice):
         r = self._iptables("-I")
         if r.returncode:
             self._nfq.unbind()
+            self._nfq = None
             raise NetbufUnavailable(f"iptables: {r.stderr.strip()}")
-        asyncio.get_running_loop().add_reader(self._nfq.get_fd(), self._drain)
+        asyncio.get_running_loop().add_reader(self._nfq.get_fd(), self.drain)
+
+    def remove_rule(self) -> None:
+        """Stop queueing new packets (those queued stay the caller's to decide)."""
+        if self._nfq is not None:
+            self._iptables("-D")
+
+    def close(self) -> None:
+        """Rule gone, queue unbound; call after deciding every held packet."""
+        if self._nfq is None:
+            return
+        asyncio.get_running_loop().remove_reader(self._nfq.get_fd())
+        self._nfq.unbind()
+        self._nfq = None
+
+
+class NfqueueNetbuf(CheckpointDevice):
+    name = "netbuf-nfqueue"
+
+    def __init__(self, vif: str, queue_num: int) -> None:
+        self.vif = vif
+        self.epoch = 0
+        self.held: deque[tuple[int, Any]] = deque()
+        self.released = 0
+        self.max_held = 0
+        self._queue = PacketQueue(["INPUT", "-i", vif], queue_num, self._on_packet)
+
+    @property
+    def queue_num(self) -> int:
+        return self._queue.queue_num
+
+    def _on_packet(self, pkt: Any) -> None:
+        self.held.append((self.epoch, pkt))
+        self.max_held = max(self.max_held, len(self.held))
+
+    async def setup(self) -> None:
+        self._queue.open()
 
     async def postsuspend(self, epoch: int) -> None:
         # packets the guest sent before it stopped may still sit in the kernel queue
-        self._drain()
+        self._queue.drain()
         self.epoch = epoch
 
     async def preresume(self) -> None:
@@ -113,16 +152,12 @@ class NfqueueNetbuf(CheckpointDevice):
         return len(self.held)
 
     async def teardown(self, release: bool) -> None:
-        if self._nfq is None:
-            return
-        asyncio.get_running_loop().remove_reader(self._nfq.get_fd())
-        self._iptables("-D")
-        self._drain()
+        self._queue.remove_rule()
+        self._queue.drain()
         while self.held:
             _, pkt = self.held.popleft()
             if release:
                 pkt.accept()
             else:
                 pkt.drop()
-        self._nfq.unbind()
-        self._nfq = None
+        self._queue.close()

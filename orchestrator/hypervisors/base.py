@@ -103,6 +103,11 @@ class Hypervisor(abc.ABC):
         """The host end of the domain's network interface, where its output can be held."""
         return None
 
+    def vif_addresses(self, domid: int) -> tuple[str, str] | None:
+        """(host end, guest end) IPv4 addresses of the domain's link, where COLO's
+        secondary injects mirrored input; None where the backend has none."""
+        return None
+
     # disk replication needs a backend that can hand out a block dirty map
     supports_disk_replication: bool = False
 

@@ -10,7 +10,12 @@ mark before copying the page never loses a write.
 Layout (little-endian):
   page 0: magic "RKV1", u32 version, u64 slots, u64 keys, u64 generation,
           u64 journal sequence (the last record the service wrote to its disk
-          journal, ``guestjournal``: memory and disk agree on it after a checkpoint)
+          journal, ``guestjournal``: memory and disk agree on it after a checkpoint);
+          from byte 64, the connection table: entries of u16 client port, u16
+          service port, u32 used, u64 bytes consumed, u64 bytes produced. A real
+          guest's TCP positions live in its kernel, in guest memory, so a
+          checkpoint carries them; this is that part of the simulated guest's
+          "kernel" (see ``simguest``: a COLO secondary realigns on them)
   pages 1..: slots of 256 bytes: u16 key length, u16 value length, u32 used,
              then key and value bytes (together at most 248)
   the last 1/16 of memory: scratch pages the service dirties on demand
@@ -28,6 +33,9 @@ SLOT_HDR: Final = struct.Struct("<HHI")
 MAX_ITEM: Final = SLOT - SLOT_HDR.size
 MAGIC: Final = b"RKV1"
 HEADER: Final = struct.Struct("<4sIQQQQ")
+CONN: Final = struct.Struct("<HHIQQ")
+CONN_TABLE: Final = 64
+CONN_SLOTS: Final = (PAGE - CONN_TABLE) // CONN.size
 
 
 class StoreFull(Exception):
@@ -117,6 +125,45 @@ class GuestKV:
         klen, vlen, _ = SLOT_HDR.unpack_from(self.mem, off)
         start = off + SLOT_HDR.size + klen
         return bytes(self.mem[start : start + vlen])
+
+    # -- the connection table ----------------------------------------------------
+
+    def conn_find(self, client_port: int, port: int) -> int | None:
+        for i in range(CONN_SLOTS):
+            cp, p, used, _c, _o = CONN.unpack_from(self.mem, CONN_TABLE + i * CONN.size)
+            if used and cp == client_port and p == port:
+                return i
+        return None
+
+    def conn_open(self, client_port: int, port: int) -> int | None:
+        """A fresh entry (nothing consumed or produced); None when the table is full."""
+        i = self.conn_find(client_port, port)
+        if i is None:
+            for j in range(CONN_SLOTS):
+                if not CONN.unpack_from(self.mem, CONN_TABLE + j * CONN.size)[2]:
+                    i = j
+                    break
+            else:
+                return None
+        self._conn_write(i, client_port, port, 1, 0, 0)
+        return i
+
+    def conn_positions(self, i: int) -> tuple[int, int]:
+        """(consumed, produced) of entry ``i``."""
+        _cp, _p, _used, consumed, produced = CONN.unpack_from(self.mem, CONN_TABLE + i * CONN.size)
+        return consumed, produced
+
+    def conn_advance(self, i: int, consumed: int, produced: int) -> None:
+        cp, p, used, _c, _o = CONN.unpack_from(self.mem, CONN_TABLE + i * CONN.size)
+        self._conn_write(i, cp, p, used, consumed, produced)
+
+    def conn_close(self, i: int) -> None:
+        self._conn_write(i, 0, 0, 0, 0, 0)
+
+    def _conn_write(self, i: int, cp: int, p: int, used: int, consumed: int, produced: int) -> None:
+        off = CONN_TABLE + i * CONN.size
+        CONN.pack_into(self.mem, off, cp, p, used, consumed, produced)
+        self._mark(off, CONN.size)
 
     def dirty_scratch(self, n: int) -> None:
         """Write ``n`` scratch pages (round robin), as a busy guest would."""

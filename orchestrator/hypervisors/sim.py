@@ -62,7 +62,7 @@ START_TIMEOUT: Final = 15.0
 
 
 def libxl_config(
-    name: str, uuid: str, domain_type: str, memory_bytes: int, disk: str = ""
+    name: str, uuid: str, domain_type: str, memory_bytes: int, disk: str = "", cmdline: str = ""
 ) -> dict[str, Any]:
     """The parts of libxl's domain configuration JSON that a save file carries."""
     kb = memory_bytes // 1024
@@ -70,9 +70,17 @@ def libxl_config(
         "c_info": {"type": domain_type, "name": name, "uuid": uuid},
         "b_info": {"max_memkb": kb, "target_memkb": kb, "max_vcpus": 1},
     }
+    if cmdline:
+        config["b_info"]["type.pv"] = {"cmdline": cmdline}
     if disk:
         config["disks"] = [{"pdev_path": disk, "vdev": "xvda", "format": "raw", "readwrite": 1}]
     return config
+
+
+def config_cmdline(config: dict[str, Any]) -> str:
+    """The guest kernel command line in a libxl config, "" for none."""
+    pv = (config.get("b_info") or {}).get("type.pv") or {}
+    return str(pv.get("cmdline") or "") if isinstance(pv, dict) else ""
 
 
 def config_disk(config: dict[str, Any]) -> str:
@@ -143,7 +151,9 @@ class SimHypervisor(Hypervisor):
             cfg.memory_bytes,
             state,
             st.reason.value,
-            libxl_config(cfg.name, cfg.uuid, cfg.domain_type, cfg.memory_bytes, cfg.disk),
+            libxl_config(
+                cfg.name, cfg.uuid, cfg.domain_type, cfg.memory_bytes, cfg.disk, cfg.cmdline
+            ),
             address,
         )
 
@@ -170,10 +180,18 @@ class SimHypervisor(Hypervisor):
         domain_type: str = "pv",
         dirty_rate: int = 0,
         disk_mib: int = DEFAULT_DISK_MIB,
+        nondeterministic: int = 0,
     ) -> DomainInfo:
-        """`xl create`: a new domain with a fresh guest service and a blank disk."""
+        """`xl create`: a new domain with a fresh guest service and a blank disk.
+
+        ``nondeterministic`` N > 0: about one PUT reply in N carries a random
+        token (``remus_sim.nondeterministic=N`` on the guest's command line), so
+        that two copies' output diverges on demand (COLO)."""
         disk = self._new_disk(name, disk_mib * (1 << 20)) if disk_mib else None
-        dom = self._allocate(name, memory_mib * (1 << 20) // PAGE_SIZE, domain_type, disk=disk)
+        cmdline = f"remus_sim.nondeterministic={nondeterministic}" if nondeterministic else ""
+        dom = self._allocate(
+            name, memory_mib * (1 << 20) // PAGE_SIZE, domain_type, disk=disk, cmdline=cmdline
+        )
         try:
             self._start_guest(dom, dirty_rate)
         except BaseException:
@@ -200,6 +218,7 @@ class SimHypervisor(Hypervisor):
         domain_type: str,
         uuid: str | None = None,
         disk: Path | None = None,
+        cmdline: str = "",
     ) -> SimDomain:
         if not name or "/" in name:
             raise HypervisorError(f"bad domain name {name!r}")
@@ -207,7 +226,7 @@ class SimHypervisor(Hypervisor):
             if any(d.name == name for d in self.list_domains()):
                 raise HypervisorError(f"domain {name!r} already exists on {self.host}")
             return SimDomain.create(
-                self.host, self._new_domid(), name, pages, domain_type, uuid, disk
+                self.host, self._new_domid(), name, pages, domain_type, uuid, disk, cmdline
             )
 
     def create_restore_target(
@@ -234,7 +253,9 @@ class SimHypervisor(Hypervisor):
             disk.touch()
         elif config_disk(config):
             disk = Path(config_disk(config))
-        dom = self._allocate(name, kb * 1024 // PAGE_SIZE, dtype, uuid, disk)
+        dom = self._allocate(
+            name, kb * 1024 // PAGE_SIZE, dtype, uuid, disk, config_cmdline(config)
+        )
         return self._info(dom)
 
     def state_dir(self) -> Path:
@@ -269,6 +290,13 @@ class SimHypervisor(Hypervisor):
             f"{net}.{base + 2}",
         )
 
+    def vif_addresses(self, domid: int) -> tuple[str, str] | None:
+        """(host end, guest end) addresses of the domain's /30 link, None without netns."""
+        if not self.use_netns:
+            return None
+        _, _, host_ip, guest_ip = self._netns(domid)
+        return host_ip, guest_ip
+
     def vif_name(self, domid: int) -> str | None:
         """The host end of the domain's veth, where its output can be held."""
         return self._netns(domid)[1] if self.use_netns else None
@@ -299,6 +327,8 @@ class SimHypervisor(Hypervisor):
         cmd = [sys.executable, "-m", "orchestrator.hypervisors.simguest", str(dom.path)]
         if dirty_rate:
             cmd += ["--dirty-rate", str(dirty_rate)]
+        if dom.config.cmdline:
+            cmd += ["--cmdline", dom.config.cmdline]
         if self.use_netns:
             ns = self._setup_vif(dom.domid)
             cmd = [

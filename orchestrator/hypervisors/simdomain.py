@@ -78,6 +78,10 @@ class DomainConfig:
     domain_type: str  # "pv" or "hvm"
     pages: int
     disk: str = ""  # path of the raw disk image, "" for a diskless domain
+    # the guest's kernel command line (libxl's b_info type.pv cmdline): what the
+    # guest service is told at boot, so that a restored or COLO secondary copy
+    # runs the same program as the primary
+    cmdline: str = ""
 
     @property
     def memory_bytes(self) -> int:
@@ -128,11 +132,12 @@ class SimDomain:
         domain_type: str = "pv",
         uuid: str | None = None,
         disk: Path | None = None,
+        cmdline: str = "",
     ) -> SimDomain:
         path = host / "domains" / str(domid)
         path.mkdir(parents=True, exist_ok=False)
         config = DomainConfig(
-            name, uuid or str(uuidlib.uuid4()), domid, domain_type, pages, str(disk or "")
+            name, uuid or str(uuidlib.uuid4()), domid, domain_type, pages, str(disk or ""), cmdline
         )
         with open(path / "memory", "wb") as f:
             f.truncate(config.memory_bytes)

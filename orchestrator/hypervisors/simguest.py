@@ -3,7 +3,9 @@ that lives entirely in the domain's memory (``guestkv``).
 
 Protocol (TCP, one request per line): ``PUT key value`` -> ``OK`` once the
 write is in the disk journal (when the domain has a disk) and in guest
-memory, both marked dirty; ``GET key`` -> ``VALUE value`` or ``NOTFOUND``;
+memory, both marked dirty (``OK <token>`` now and then with
+``remus_sim.nondeterministic=N`` on the command line: see ``Guest._ok``);
+``GET key`` -> ``VALUE value`` or ``NOTFOUND``;
 ``STATS`` -> ``KEYS n GENERATION g``; ``JGET key`` -> the newest value of
 ``key`` in the disk journal; ``JSTATS`` -> ``JOURNAL SEQ s RECORDS n MEMORY m
 CONSISTENT yes|no`` (the journal's newest record against the sequence number
@@ -27,9 +29,12 @@ import argparse
 import asyncio
 import contextlib
 import os
+import random
+import secrets
 import signal
 import sys
 from pathlib import Path
+from typing import Final
 
 from .guestjournal import BLOCK, Journal
 from .guestkv import BadItem, GuestKV, StoreFull
@@ -38,10 +43,93 @@ from .simdomain import DomainState, RunState, ShutdownReason, SimDomain
 EVTCHN = "evtchn.sock"
 
 
+HISTORY: Final = 1 << 20  # input kept below the consumed position, for replay
+
+
+class HistoryLost(Exception):
+    """A checkpoint moved a connection back further than its kept input."""
+
+
+class Connection:
+    """One client connection's byte positions, as a guest kernel would keep them.
+
+    Consumed and produced bytes are recorded in guest memory (``GuestKV``'s
+    connection table), so that a checkpoint carries them, as it carries a real
+    guest's TCP state. The process keeps what a kernel keeps outside that: the
+    input received (``HISTORY`` bytes of it below the consumed position).
+    After a COLO checkpoint replaced the memory, the secondary's copy carries
+    on from the primary's positions: it replays input it had already
+    consumed, or skips input the primary had consumed and it had not yet.
+    What it had already sent stays sent (this kernel does not rewind with the
+    memory), so its next output byte, the primary's byte ``produced``, leaves
+    at its own next sequence number: COLO's rewriter shifts the offsets
+    (``colo_compare.Rewriter.realign``). A primary, whose memory is its own,
+    never replays or skips.
+    """
+
+    def __init__(
+        self, kv: GuestKV, writer: asyncio.StreamWriter, client_port: int, port: int
+    ) -> None:
+        self.kv, self.writer = kv, writer
+        self.key = (client_port, port)
+        self.slot = kv.conn_open(client_port, port)
+        self.buf = bytearray()
+        self.base = 0  # stream offset of buf[0]
+        self._local = (0, 0)  # positions when the table is full
+        self._pending = 0  # length of the request next_request returned
+
+    def positions(self) -> tuple[int, int]:
+        return self.kv.conn_positions(self.slot) if self.slot is not None else self._local
+
+    def _advance(self, consumed: int, produced: int) -> None:
+        if self.slot is not None:
+            self.kv.conn_advance(self.slot, consumed, produced)
+        else:
+            self._local = (consumed, produced)
+
+    def received(self, data: bytes) -> None:
+        self.buf += data
+
+    def next_request(self) -> bytes | None:
+        consumed, _ = self.positions()
+        start = consumed - self.base
+        if start < 0:
+            raise HistoryLost(f"connection {self.key}: input from {consumed} is gone")
+        if start > HISTORY:  # keep HISTORY bytes of consumed input, no more
+            cut = min(start - HISTORY, len(self.buf))
+            del self.buf[:cut]
+            self.base += cut
+            start -= cut
+        nl = self.buf.find(b"\n", start)
+        if nl < 0:  # no whole request (or, after a skip, the input is still to come)
+            return None
+        line = bytes(self.buf[start:nl]).rstrip(b"\r")
+        self._pending = nl + 1 - start
+        return line
+
+    def reply(self, data: bytes) -> None:
+        consumed, produced = self.positions()
+        self._advance(consumed + self._pending, produced + len(data))
+        self.writer.write(data)
+
+    def realign(self) -> None:
+        slot = self.kv.conn_find(*self.key)
+        # absent from the checkpoint's table: the primary had not taken the
+        # connection yet, so it had consumed and produced nothing of it
+        self.slot = slot if slot is not None else self.kv.conn_open(*self.key)
+
+    def close(self) -> None:
+        if self.slot is not None and self.kv.conn_find(*self.key) == self.slot:
+            self.kv.conn_close(self.slot)
+
+
 class Guest:
-    def __init__(self, dom: SimDomain, dirty_rate: int) -> None:
+    def __init__(self, dom: SimDomain, dirty_rate: int, nondeterministic: int = 0) -> None:
         self.dom = dom
         self.kv = GuestKV(memoryview(dom.memory), memoryview(dom.dirty))
+        self.connections: set[Connection] = set()
+        self.nondeterministic = nondeterministic
+        self._tokens_path = dom.path / "tokens"
         self.running = asyncio.Event()
         self.running.set()
         self.dirty_rate = dirty_rate
@@ -64,15 +152,39 @@ class Guest:
     async def serve_client(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        peer, local = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
+        conn = Connection(self.kv, writer, int(peer[1]), int(local[1]))
+        self.connections.add(conn)
         try:
-            while line := await reader.readline():
+            while data := await reader.read(65536):
+                conn.received(data)
                 await self.running.wait()  # a suspended guest runs no code
-                writer.write(self.handle(line.rstrip(b"\r\n")))
+                self.serve(conn)
                 await writer.drain()
-        except ConnectionError:
+        except (ConnectionError, HistoryLost):
             pass
         finally:
+            self.connections.discard(conn)
+            conn.close()
             writer.close()
+
+    def serve(self, conn: Connection) -> None:
+        """Answer every whole request ``conn`` holds; requests are applied whole
+        within one event-loop step, which is what makes that step a safe point."""
+        while (line := conn.next_request()) is not None:
+            conn.reply(self.handle(line))
+
+    def reloaded(self) -> None:
+        """The memory was replaced while suspended (a COLO checkpoint): realign every
+        connection on the positions the memory now records, and answer what that
+        leaves to answer."""
+        self.kv.reload()
+        for conn in list(self.connections):
+            try:
+                conn.realign()
+                self.serve(conn)
+            except HistoryLost:
+                conn.writer.close()
 
     def handle(self, line: bytes) -> bytes:
         verb, _, rest = line.partition(b" ")
@@ -81,11 +193,11 @@ class Guest:
                 key, _, value = rest.partition(b" ")
                 if self.journal is None:
                     self.kv.put(key, value)
-                    return b"OK\n"
-                seq = self.kv.journal_seq + 1
-                self.journal.append(seq, key, value)  # write-ahead: disk, then memory
-                self.kv.put(key, value, journal_seq=seq)
-                return b"OK\n"
+                else:
+                    seq = self.kv.journal_seq + 1
+                    self.journal.append(seq, key, value)  # write-ahead: disk, then memory
+                    self.kv.put(key, value, journal_seq=seq)
+                return self._ok()
             if verb == b"GET":
                 found = self.kv.get(rest)
                 return b"NOTFOUND\n" if found is None else b"VALUE " + found + b"\n"
@@ -107,6 +219,17 @@ class Guest:
             return f"ERROR {exc}\n".encode()
         return b"ERROR unknown request\n"
 
+    def _ok(self) -> bytes:
+        """``OK``, or, about once in ``nondeterministic`` replies, ``OK <token>`` with a
+        random token that only this copy can produce (logged, outside guest memory,
+        to the domain's ``tokens`` file, so tests can tell whose reply a client saw)."""
+        if not self.nondeterministic or random.randrange(self.nondeterministic):
+            return b"OK\n"
+        token = secrets.token_hex(8)
+        with open(self._tokens_path, "a") as f:
+            f.write(token + "\n")
+        return f"OK {token}\n".encode()
+
     async def evtchn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """The suspend event channel: the toolstack's requests, one byte each."""
         try:
@@ -116,7 +239,7 @@ class Guest:
                     self.dom.write_state(DomainState(RunState.SHUTDOWN, ShutdownReason.SUSPEND))
                     writer.write(b"s")
                 elif req == b"R":
-                    self.kv.reload()  # memory may have been replaced while suspended (COLO)
+                    self.reloaded()  # memory may have been replaced while suspended (COLO)
                     self.dom.write_state(DomainState(RunState.RUNNING))
                     self.running.set()
                     writer.write(b"r")
@@ -141,9 +264,20 @@ class Guest:
             self.kv.dirty_scratch(n)
 
 
-async def run(domdir: Path, listen: str, dirty_rate: int) -> None:
+def parse_cmdline(cmdline: str) -> dict[str, str]:
+    """``remus_sim.KEY=VALUE`` words of the guest's kernel command line."""
+    out = {}
+    for word in cmdline.split():
+        key, eq, value = word.partition("=")
+        if eq and key.startswith("remus_sim."):
+            out[key.removeprefix("remus_sim.")] = value
+    return out
+
+
+async def run(domdir: Path, listen: str, dirty_rate: int, cmdline: str = "") -> None:
     dom = SimDomain(domdir)
-    guest = Guest(dom, dirty_rate)
+    options = parse_cmdline(cmdline)
+    guest = Guest(dom, dirty_rate, int(options.get("nondeterministic", "0")))
     host, _, port = listen.rpartition(":")
     server = await asyncio.start_server(guest.serve_client, host or "0.0.0.0", int(port))
     # bound by a relative name: a unix socket path is limited to 107 bytes, and host
@@ -171,8 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("domain_dir", type=Path)
     ap.add_argument("--listen", default="127.0.0.1:0")
     ap.add_argument("--dirty-rate", type=int, default=0, help="scratch pages dirtied per second")
+    ap.add_argument("--cmdline", default="", help="the guest's kernel command line")
     args = ap.parse_args(argv)
-    asyncio.run(run(args.domain_dir, args.listen, args.dirty_rate))
+    asyncio.run(run(args.domain_dir, args.listen, args.dirty_rate, args.cmdline))
     return 0
 
 

@@ -16,10 +16,14 @@ heartbeats and, beyond Xen, LOADED: an ACK of checkpoint ``seq`` once the
 secondary has applied it, with a digest of the secondary's memory, which the
 primary compares with its own (``verify_memory``).
 
-Not yet here (issue 9 continues): the network half (input mirrored to the
-secondary, output compared per connection, a checkpoint on divergence), the
-CLI/API, and COLO disk replication. Checkpoints come from the timer, or from
-:meth:`ColoPrimary.request_checkpoint` (what the comparer will call).
+The network half (``devices/colo_net.py``) rides on the control channel too:
+the client's packets to the primary guest go to the secondary guest (MIRROR),
+the secondary guest's TCP output comes back (SVM_OUTPUT) and is compared with
+the primary's; matching output leaves at once, a mismatch or output held past
+``compare_timeout`` asks for a checkpoint, and a checkpoint releases what its
+suspend covered. Checkpoints also come from the timer
+(``checkpoint_max_interval``). Not here: COLO disk replication (the secondary
+copy writes a disk of its own).
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..devices.colo_net import ColoNetPrimary, ColoNetSecondary
+from ..devices.netbuf_nfqueue import nfqueue_available
 from ..hypervisors.base import DomainInfo, Hypervisor
 from ..savehelper import (
     Callbacks,
@@ -48,7 +54,17 @@ from ..savehelper import (
 from ..streams import libxl
 from ..streams.libxl import CheckpointState
 from ..streams.reader import CheckpointReady, Outcome
-from ..transport.control import Ack, ControlError, Failover, Hello, Shutdown
+from ..transport.control import (
+    Ack,
+    ConnInfo,
+    ControlError,
+    Failover,
+    Hello,
+    Mirror,
+    NetSync,
+    Shutdown,
+    SvmOutput,
+)
 from .colo_protocol import (
     CheckpointReceived,
     CheckpointSent,
@@ -81,6 +97,12 @@ class ColoSettings(RemusSettings):
     # compare a digest of both memories at every checkpoint (costs a hash of
     # the whole memory on both sides: for tests and audits)
     verify_memory: bool = False
+    # mirror input and compare output (False: -n, output leaves unchecked)
+    compare_output: bool = True
+    # output held longer than this for the secondary's asks for a checkpoint
+    # (QEMU's colo-compare compare_timeout, 3 s there; here the guests answer
+    # in milliseconds, so a slow secondary costs one checkpoint, not 3 s)
+    compare_timeout: float = 0.1
 
 
 @dataclass
@@ -88,10 +110,12 @@ class ColoStatus:
     state: str = "starting"
     checkpoints: int = 0
     by_divergence: int = 0
+    by_held: int = 0
     by_timer: int = 0
     memory_verified: int = 0  # checkpoints whose memory digests matched
     pause_seconds: list[float] = field(default_factory=list)
     reason: str = ""
+    net: dict[str, Any] = field(default_factory=dict)  # the network half's figures
 
 
 class ColoError(Exception):
@@ -154,10 +178,16 @@ class ColoPrimary:
         self._suspended_at = 0.0
         self._first_suspend = True
         self._digest: bytes | None = None
+        self.net: ColoNetPrimary | None = None
+        self._comparing = False
 
     def request_checkpoint(self, reason: Reason = Reason.DIVERGENCE) -> None:
         """The output comparer saw the copies diverge (or anyone wants one now)."""
-        self._wanted.put_nowait(reason)
+        if self._wanted.empty():  # one is enough: a checkpoint settles them all
+            self._wanted.put_nowait(reason)
+
+    def _comparer_wants(self, reason: str) -> None:
+        self.request_checkpoint(Reason.HELD if reason == "held" else Reason.DIVERGENCE)
 
     def _feed(self, event: Event) -> list[Any]:
         try:
@@ -206,6 +236,8 @@ class ColoPrimary:
         self._suspended_at = time.perf_counter()
         await self.hv.suspend(self.domain.domid)
         self._suspended = True
+        if self.net is not None:
+            self.net.suspended(self.exchange.seq)
         self._feed(GuestSuspended())
         if self._first_suspend:  # the live pass: the secondary does not run yet
             self._first_suspend = False
@@ -253,6 +285,11 @@ class ColoPrimary:
         for action in self._feed(Loaded(ack.seq)):
             if isinstance(action, ReleaseOutput):
                 self._committed(action.seq, ack)
+                while not self._wanted.empty():  # asked for before this one: settled
+                    self._wanted.get_nowait()
+                if self.net is not None:
+                    self.net.checkpoint_done(action.seq, first=not self._comparing)
+                self._comparing = True
         try:
             reason = await asyncio.wait_for(
                 self._wanted.get(), self.settings.checkpoint_max_interval
@@ -274,6 +311,7 @@ class ColoPrimary:
         c = self.exchange.counters
         self.status.checkpoints = c.checkpoints
         self.status.by_divergence = c.by_reason[Reason.DIVERGENCE]
+        self.status.by_held = c.by_reason[Reason.HELD]
         self.status.by_timer = c.by_reason[Reason.TIMER]
         self.status.state = "replicating"
 
@@ -285,6 +323,9 @@ class ColoPrimary:
                     fut = self._loaded_future(event.seq)
                     if not fut.done():
                         fut.set_result(event)
+                elif isinstance(event, SvmOutput):
+                    if self.net is not None:
+                        self.net.secondary_output(event)
                 elif isinstance(event, (Failover, Shutdown)):
                     raise ConnectionError(f"secondary: {event.reason}")
         except (ConnectionError, ControlError) as exc:
@@ -295,8 +336,35 @@ class ColoPrimary:
             if self.session is not None:
                 await self.session.abort()
 
+    async def _start_net(self) -> None:
+        if not self.settings.compare_output:
+            return
+        vif = self.hv.vif_name(self.domain.domid)
+        why = nfqueue_available()
+        if vif is None or why:
+            raise ColoError(
+                "COLO compares the guest's output on its vif with NFQUEUE: "
+                + (why or f"the {self.hv.name} backend gives this domain no vif (needs root)")
+                + "; -n runs COLO without comparing (unsafe: output leaves unchecked)"
+            )
+        self.net = ColoNetPrimary(
+            vif, self.ctl.send, self._comparer_wants, self.settings.compare_timeout
+        )
+        await self.net.setup()
+
     async def run(self) -> ColoStatus:
         caps = ("ack", "colo") + (("verify-memory",) if self.settings.verify_memory else ())
+        if self.settings.compare_output:
+            caps += ("colo-net",)
+        await self._start_net()
+        try:
+            return await self._run(caps)
+        finally:
+            if self.net is not None:
+                self.status.net = self.net.figures()
+                await self.net.teardown(release=True)
+
+    async def _run(self, caps: tuple[str, ...]) -> ColoStatus:
         await self.ctl.hello(
             Hello(self.domain.uuid, self.domain.config, caps), self.settings.ack_timeout
         )
@@ -383,6 +451,17 @@ class ColoSecondary(RemusSecondary):
         self.exchange = SecondaryExchange()
         self.running = False  # our copy has been started
         self._svm_suspended = False
+        self.net: ColoNetSecondary | None = None
+
+    def _control_event(self, event: object) -> None:
+        if self.net is None:
+            return
+        if isinstance(event, Mirror):
+            self.net.mirrored(event)
+        elif isinstance(event, ConnInfo):
+            self.net.conn_info(event)
+        elif isinstance(event, NetSync):
+            self.net.net_sync(event)
 
     async def _checkpoint(self) -> int:
         self.reader.start_checkpoint()
@@ -422,6 +501,8 @@ class ColoSecondary(RemusSecondary):
         assert self.target is not None
         if self.colo_settings.verify_memory:  # before our copy runs again and writes
             self._loaded_digest = await asyncio.to_thread(memory_digest, self.hv, self.target.domid)
+        if self.net is not None:
+            self.net.loaded(self.exchange.seq)
         if not self.running:
             self.target = await self.hv.finish_restore(self.target.domid)
             self.running = True
@@ -443,6 +524,8 @@ class ColoSecondary(RemusSecondary):
         try:
             await self.hv.suspend(self.target.domid)
             self._svm_suspended = True
+            if self.net is not None:
+                self.net.suspended()
             for action in self.exchange.receive(GuestSuspended()):
                 if isinstance(action, WriteState):  # SVM_SUSPENDED
                     await asyncio.to_thread(write_checkpoint_state, self.stream, action.state)
@@ -461,51 +544,73 @@ class ColoSecondary(RemusSecondary):
         self.target = self.hv.create_restore_target(peer.config, name, replica_disk=True)
         self._loaded_digest = b""
         try:
-            await asyncio.to_thread(self._read_prelude)
-            watch = asyncio.create_task(self._watch_heartbeats())
-            dog = asyncio.create_task(self._watchdog())
-
-            async def results(*_args: int) -> int:
-                return 0
-
-            session = HelperSession(
-                Mode.RESTORE,
-                Callbacks(
-                    static_data_done=results,
-                    checkpoint=self._checkpoint,
-                    postcopy=self._postcopy,
-                    wait_checkpoint=self._wait_checkpoint,
-                    suspend=self._suspend,
-                ),
-            )
-            args = RestoreArgs(self.target.domid, session.cbflags, StreamType.COLO)
-            fd = self.stream.fileno()
-            try:
-                result = await session.run(fd, fd, args, extra_env=self.hv.helper_env())
-            finally:
-                watch.cancel()
-                dog.cancel()
-            if self.unprotected:  # the primary carries on: our copy must not run too
-                self.running = False  # so the handler below destroys it
-                self.status.state = "stopped"
-                raise_unprotected(self.status.reason)
-            if not self.running:
-                raise ColoError(
-                    "nothing to fail over to: the first checkpoint never completed"
-                    + ("" if result.ok else f" (restore helper retval {result.retval})")
-                )
-            # failover: our copy already runs; if it was suspended mid-checkpoint it
-            # resumes from its own last state, which is the last checkpoint plus what
-            # it did since (the primary's output after that point never left)
-            self.status.state = "failing-over"
-            if self._svm_suspended:
-                await self.hv.resume(self.target.domid)
-            self.status.state = "failed-over"
-            return self.hv.lookup(self.target.domid)
+            if "colo-net" in peer.capabilities:
+                await self._start_net(self.target.domid)
+            return await self._run()
         except BaseException:
             if not self.running:
                 self.hv.destroy(self.target.domid)
             raise
+        finally:
+            if self.net is not None:  # failover, or the end: our copy's output flows
+                await self.net.teardown()
+
+    async def _start_net(self, domid: int) -> None:
+        vif, addrs = self.hv.vif_name(domid), self.hv.vif_addresses(domid)
+        why = nfqueue_available()
+        if vif is None or addrs is None or why:
+            raise ColoError(
+                "the primary compares output, and this host cannot filter and feed the "
+                "secondary copy: " + (why or f"the {self.hv.name} backend gives it no vif")
+            )
+        self.net = ColoNetSecondary(vif, addrs[0], addrs[1], self.ctl.send)
+        await self.net.setup()
+
+    async def _run(self) -> DomainInfo:
+        assert self.target is not None
+        await asyncio.to_thread(self._read_prelude)
+        watch = asyncio.create_task(self._watch_heartbeats())
+        dog = asyncio.create_task(self._watchdog())
+
+        async def results(*_args: int) -> int:
+            return 0
+
+        session = HelperSession(
+            Mode.RESTORE,
+            Callbacks(
+                static_data_done=results,
+                checkpoint=self._checkpoint,
+                postcopy=self._postcopy,
+                wait_checkpoint=self._wait_checkpoint,
+                suspend=self._suspend,
+            ),
+        )
+        args = RestoreArgs(self.target.domid, session.cbflags, StreamType.COLO)
+        fd = self.stream.fileno()
+        try:
+            result = await session.run(fd, fd, args, extra_env=self.hv.helper_env())
+        finally:
+            watch.cancel()
+            dog.cancel()
+        if self.unprotected:  # the primary carries on: our copy must not run too
+            self.running = False  # so the handler below destroys it
+            self.status.state = "stopped"
+            raise_unprotected(self.status.reason)
+        if not self.running:
+            raise ColoError(
+                "nothing to fail over to: the first checkpoint never completed"
+                + ("" if result.ok else f" (restore helper retval {result.retval})")
+            )
+        # failover: our copy already runs; if it was suspended mid-checkpoint it
+        # resumes from its own last state, which is the last checkpoint plus what
+        # it did since (the primary's output after that point never left)
+        self.status.state = "failing-over"
+        if self.net is not None:  # stop feeding our copy; its output goes out now
+            await self.net.teardown()
+        if self._svm_suspended:
+            await self.hv.resume(self.target.domid)
+        self.status.state = "failed-over"
+        return self.hv.lookup(self.target.domid)
 
 
 def raise_unprotected(reason: str) -> None:

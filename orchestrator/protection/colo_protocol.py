@@ -64,8 +64,9 @@ class Phase(enum.Enum):
 
 
 class Reason(enum.Enum):
-    DIVERGENCE = "divergence"
-    TIMER = "timer"
+    DIVERGENCE = "divergence"  # the copies' output differed
+    HELD = "held"  # output waited longer than the bound for the secondary's
+    TIMER = "timer"  # checkpoint_max_interval passed with the copies agreeing
 
 
 # -- events ---------------------------------------------------------------------------

@@ -455,6 +455,9 @@ class RemusSecondary:
             await self.ctl.writer.drain()
         return int(CheckpointReply.SUCCESS)
 
+    def _control_event(self, event: object) -> None:
+        """A control frame the Remus secondary has no use for (COLO's have)."""
+
     def force_failover(self) -> None:
         """`remusctl failover`: take over from the last complete checkpoint now."""
         self.status.reason = "failover forced by the administrator"
@@ -473,6 +476,8 @@ class RemusSecondary:
                     self.unprotected = True
                     self.status.reason = f"primary ended replication: {event.reason}"
                     return
+                else:
+                    self._control_event(event)
         except (ConnectionError, ControlError, DiskReplicaError) as exc:
             self.status.reason = f"control: {exc}"
         finally:

@@ -36,6 +36,11 @@ class FrameType(IntEnum):
     SHUTDOWN = 5
     STATS = 6
     DISK = 7
+    # COLO's network half (``devices/colo_net.py``)
+    MIRROR = 8  # primary -> secondary: a copy of a packet the client sent the guest
+    CONN = 9  # primary -> secondary: the primary guest's SYN-ACK numbers
+    SVM_OUTPUT = 10  # secondary -> primary: TCP payload its guest sent
+    NETSYNC = 11  # primary -> secondary: its output positions at a checkpoint's suspend
 
 
 @dataclass(frozen=True)
@@ -91,12 +96,68 @@ class DiskWrites:
     block_size: int = 4096
 
 
-Event = Hello | Ack | Heartbeat | Failover | Shutdown | Stats | DiskWrites
+@dataclass(frozen=True)
+class Mirror:
+    """An IPv4 packet the client sent the primary guest, for the secondary guest."""
+
+    packet: bytes
+
+
+@dataclass(frozen=True)
+class ConnInfo:
+    """The primary guest accepted a connection: its ISN and SYN-ACK TSval (0: none),
+    which the secondary's rewriter needs to map the client's acks to its own copy."""
+
+    client_port: int
+    guest_port: int
+    isn: int
+    tsval: int
+
+
+@dataclass(frozen=True)
+class SvmOutput:
+    """TCP payload the secondary guest sent on a connection, at a stream offset,
+    after it had loaded checkpoint ``epoch`` (output of an older state is stale)."""
+
+    client_port: int
+    guest_port: int
+    epoch: int
+    offset: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class NetSync:
+    """Where the primary guest's output stood on each connection (stream offset mod
+    2**32) when it was suspended for checkpoint ``seq``: the secondary copy's output
+    continues from there once it has loaded that checkpoint."""
+
+    seq: int
+    ends: tuple[tuple[int, int, int], ...]  # (client port, guest port, offset)
+
+
+Event = (
+    Hello
+    | Ack
+    | Heartbeat
+    | Failover
+    | Shutdown
+    | Stats
+    | DiskWrites
+    | Mirror
+    | ConnInfo
+    | SvmOutput
+    | NetSync
+)
 
 _ACK: Final = struct.Struct("<Q32s")
 _HEARTBEAT: Final = struct.Struct("<QQ")
 # seq, total blocks, block size, count, flags (bit 0: last frame of the checkpoint)
 _DISK: Final = struct.Struct("<QQIII")
+_CONN: Final = struct.Struct("<HHII")
+_SVM_OUTPUT: Final = struct.Struct("<HHIQ")  # ports, epoch, offset
+_NETSYNC: Final = struct.Struct("<QI4x")  # seq, count
+_NETSYNC_END: Final = struct.Struct("<HHI")
 DISK_FRAME_BLOCKS: Final = 64  # 256 KiB of 4 KiB blocks: well under MAX_BODY
 
 
@@ -136,6 +197,22 @@ def encode_event(event: Event) -> bytes:
                 numbers,
                 *(data for _, data in event.blocks),
             )
+        )
+    elif isinstance(event, Mirror):
+        ftype, body = FrameType.MIRROR, event.packet
+    elif isinstance(event, ConnInfo):
+        ftype = FrameType.CONN
+        body = _CONN.pack(event.client_port, event.guest_port, event.isn, event.tsval)
+    elif isinstance(event, SvmOutput):
+        ftype = FrameType.SVM_OUTPUT
+        body = (
+            _SVM_OUTPUT.pack(event.client_port, event.guest_port, event.epoch, event.offset)
+            + event.payload
+        )
+    elif isinstance(event, NetSync):
+        ftype = FrameType.NETSYNC
+        body = _NETSYNC.pack(event.seq, len(event.ends)) + b"".join(
+            _NETSYNC_END.pack(*end) for end in event.ends
         )
     else:
         ftype, body = FrameType.STATS, json.dumps(event.values).encode()
@@ -179,6 +256,30 @@ def _decode(ftype: int, body: bytes) -> Event:
         return Stats(values)
     if ftype == FrameType.DISK:
         return _decode_disk(body)
+    if ftype == FrameType.MIRROR:
+        if len(body) < 20 or body[0] >> 4 != 4:
+            raise ValueError(f"MIRROR of {len(body)} bytes is not an IPv4 packet")
+        return Mirror(body)
+    if ftype == FrameType.CONN:
+        if len(body) != _CONN.size:
+            raise ValueError(f"CONN body of {len(body)} bytes (want {_CONN.size})")
+        return ConnInfo(*_CONN.unpack(body))
+    if ftype == FrameType.SVM_OUTPUT:
+        if len(body) < _SVM_OUTPUT.size:
+            raise ValueError(f"SVM_OUTPUT body of {len(body)} bytes is shorter than its header")
+        cport, gport, epoch, offset = _SVM_OUTPUT.unpack_from(body)
+        return SvmOutput(cport, gport, epoch, offset, body[_SVM_OUTPUT.size :])
+    if ftype == FrameType.NETSYNC:
+        if len(body) < _NETSYNC.size:
+            raise ValueError(f"NETSYNC body of {len(body)} bytes is shorter than its header")
+        seq, count = _NETSYNC.unpack_from(body)
+        if len(body) != _NETSYNC.size + count * _NETSYNC_END.size:
+            raise ValueError(f"NETSYNC body of {len(body)} bytes for {count} connections")
+        ends = tuple(
+            _NETSYNC_END.unpack_from(body, _NETSYNC.size + i * _NETSYNC_END.size)
+            for i in range(count)
+        )
+        return NetSync(seq, ends)
     raise ValueError("unknown frame type")
 
 
@@ -216,6 +317,10 @@ TRANSITIONS: Final[dict[tuple[State, type], State]] = {
     (State.ESTABLISHED, Stats): State.ESTABLISHED,
     (State.ESTABLISHED, DiskWrites): State.ESTABLISHED,
     (State.ESTABLISHED, Failover): State.ESTABLISHED,
+    (State.ESTABLISHED, Mirror): State.ESTABLISHED,
+    (State.ESTABLISHED, ConnInfo): State.ESTABLISHED,
+    (State.ESTABLISHED, SvmOutput): State.ESTABLISHED,
+    (State.ESTABLISHED, NetSync): State.ESTABLISHED,
     (State.ESTABLISHED, Shutdown): State.CLOSED,
 }
 

@@ -11,14 +11,18 @@ from hypothesis import strategies as st
 from orchestrator.transport.control import (
     TRANSITIONS,
     Ack,
+    ConnInfo,
     ControlConnection,
     ControlError,
     Failover,
     Heartbeat,
     Hello,
+    Mirror,
+    NetSync,
     Shutdown,
     State,
     Stats,
+    SvmOutput,
     encode_event,
 )
 
@@ -38,6 +42,30 @@ def established() -> ControlConnection:
         st.builds(Heartbeat, st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1)),
         st.builds(Failover, st.text()),
         st.builds(Stats, st.dictionaries(st.text(), st.integers())),
+        st.builds(Mirror, st.binary(min_size=20, max_size=200).map(lambda b: b"\x45" + b[1:])),
+        st.builds(
+            ConnInfo,
+            st.integers(0, 65535),
+            st.integers(0, 65535),
+            st.integers(0, 2**32 - 1),
+            st.integers(0, 2**32 - 1),
+        ),
+        st.builds(
+            SvmOutput,
+            st.integers(0, 65535),
+            st.integers(0, 65535),
+            st.integers(0, 2**32 - 1),
+            st.integers(0, 2**64 - 1),
+            st.binary(max_size=3000),
+        ),
+        st.builds(
+            NetSync,
+            st.integers(0, 2**64 - 1),
+            st.lists(
+                st.tuples(st.integers(0, 65535), st.integers(0, 65535), st.integers(0, 2**32 - 1)),
+                max_size=20,
+            ).map(tuple),
+        ),
     )
 )
 def test_round_trip_byte_by_byte(event: object) -> None:
@@ -106,7 +134,18 @@ def test_garbage_after_hello(garbage: bytes, message: str | None) -> None:
 
 
 def test_every_row_and_every_missing_row() -> None:
-    samples = [HELLO, Ack(1, bytes(32)), Heartbeat(1, 1), Failover("x"), Shutdown("x"), Stats({})]
+    samples = [
+        HELLO,
+        Ack(1, bytes(32)),
+        Heartbeat(1, 1),
+        Failover("x"),
+        Shutdown("x"),
+        Stats({}),
+        Mirror(b"\x45" + bytes(19)),
+        ConnInfo(40000, 7000, 1, 2),
+        SvmOutput(40000, 7000, 2, 5, b"OK\n"),
+        NetSync(3, ((40000, 7000, 12),)),
+    ]
     for state in State:
         for ev in samples:
             c = ControlConnection()
@@ -120,3 +159,20 @@ def test_every_row_and_every_missing_row() -> None:
                     c.next_event()
             else:
                 assert c.next_event() == ev and c.state is row
+
+
+@pytest.mark.parametrize(
+    ("ftype", "body", "message"),
+    [
+        (8, b"\x60" + bytes(39), "MIRROR of 40 bytes is not an IPv4 packet"),
+        (9, bytes(8), "CONN body of 8 bytes"),
+        (10, bytes(10), "SVM_OUTPUT body of 10 bytes is shorter than its header"),
+        (11, bytes(16) + bytes(4), "NETSYNC body of 20 bytes for 0 connections"),
+    ],
+)
+def test_bad_colo_frames_name_the_frame(ftype: int, body: bytes, message: str) -> None:
+    c = established()
+    pad = bytes(-len(body) % 8)
+    c.receive_data(struct.pack("<II", ftype, len(body)) + body + pad)
+    with pytest.raises(ControlError, match=message):
+        c.next_event()
