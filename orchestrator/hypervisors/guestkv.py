@@ -157,6 +157,13 @@ class GuestKV:
         cp, p, used, _c, _o = CONN.unpack_from(self.mem, CONN_TABLE + i * CONN.size)
         self._conn_write(i, cp, p, used, consumed, produced)
 
+    def conn_forget_all(self) -> None:
+        """A guest that (re)starts has no connection: a restored image's entries
+        name connections of a process that is gone, and would fill the table."""
+        for i in range(CONN_SLOTS):
+            if CONN.unpack_from(self.mem, CONN_TABLE + i * CONN.size)[2]:
+                self.conn_close(i)
+
     def conn_close(self, i: int) -> None:
         self._conn_write(i, 0, 0, 0, 0, 0)
 

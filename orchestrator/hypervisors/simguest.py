@@ -127,6 +127,7 @@ class Guest:
     def __init__(self, dom: SimDomain, dirty_rate: int, nondeterministic: int = 0) -> None:
         self.dom = dom
         self.kv = GuestKV(memoryview(dom.memory), memoryview(dom.dirty))
+        self.kv.conn_forget_all()
         self.connections: set[Connection] = set()
         self.nondeterministic = nondeterministic
         self._tokens_path = dom.path / "tokens"

@@ -9,6 +9,8 @@ and the mirror is an AF_PACKET tap.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import random
 import socket
@@ -23,7 +25,7 @@ from orchestrator.devices.netbuf_nfqueue import nfqueue_available
 from orchestrator.hypervisors.sim import SimHypervisor, have_netns
 from orchestrator.protection.colo import ColoPrimary, ColoSecondary, ColoSettings
 
-from .test_cli_remus import remusctl, wait_checkpoints
+from .test_cli_remus import remusctl
 from .test_remus_loop import pair, wait_for
 
 pytestmark = pytest.mark.skipif(
@@ -186,6 +188,20 @@ class Writers:
 RUNS = int(os.environ.get("COLO_KILL_RUNS", "50"))
 
 
+def _wait_first_checkpoint(host: Path, name: str, timeout: float = 30) -> None:
+    """The primary's status file (read directly: a `remusctl status` process per
+    poll would cost more than a run's checkpoints)."""
+    path = host / "remus" / f"{name}.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            if int(json.loads(path.read_text()).get("checkpoints") or 0) >= 1:
+                return
+        time.sleep(0.02)
+    raise TimeoutError(f"no first checkpoint of {name} in {timeout} s")
+
+
+@pytest.mark.timeout(1500)
 def test_kill_the_primary_at_a_random_moment_no_acknowledged_write_lost(
     hosts: tuple[SimHypervisor, SimHypervisor], tmp_path: Path
 ) -> None:
@@ -223,7 +239,7 @@ def test_kill_the_primary_at_a_random_moment_no_acknowledged_write_lost(
                 ),
                 stderr=subprocess.DEVNULL,
             )
-            wait_checkpoints(a.host, 1)
+            _wait_first_checkpoint(a.host, info.name)
             writers = Writers(info.address, 3)
             time.sleep(rng.uniform(0.05, 1.2))
             t0 = time.monotonic()

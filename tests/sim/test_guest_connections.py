@@ -131,3 +131,13 @@ def test_history_lost_is_an_error_not_a_wrong_answer() -> None:
     s.kv.conn_advance(slot, 0, 0)
     with pytest.raises(HistoryLost):
         s.conn.next_request()
+
+
+def test_a_restarted_guest_forgets_the_connections_of_its_image() -> None:
+    p = Copy()
+    p.conn.received(requests(1))
+    p.serve(reply_for)
+    restored = GuestKV(memoryview(p.mem), memoryview(p.dirty))
+    assert restored.conn_find(40000, 7000) is not None
+    restored.conn_forget_all()
+    assert restored.conn_find(40000, 7000) is None
