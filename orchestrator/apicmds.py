@@ -27,6 +27,7 @@ from .service.client import DEFAULT_SOCKET, ApiClient, ApiClientError, ClientErr
 STATUS_COLUMNS = (
     "name",
     "role",
+    "mode",
     "state",
     "checkpoints",
     "last_checkpoint_age",
@@ -63,10 +64,29 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     )
 
 
+# (header, status field): shown only when a COLO protection is listed, so that a
+# host running Remus alone keeps its table as narrow as it was
+COLO_COLUMNS = (
+    ("BY_DIVERGENCE", "checkpoints_by_divergence"),
+    ("BY_HELD", "checkpoints_by_held_output"),
+    ("BY_TIMER", "checkpoints_by_timer"),
+    ("COMPARED", "compared_packets"),
+    ("MISMATCHES", "mismatches"),
+)
+
+
 def status_table(rows: list[dict[str, Any]]) -> str:
+    # a Remus status file has no mode field (only COLO's say so)
+    rows = [{**r, "mode": r.get("mode") or "remus"} for r in rows]
+    colo = any(r["mode"] == "colo" for r in rows)
+    fields = list(STATUS_COLUMNS)
+    header = [c.upper() for c in STATUS_COLUMNS]
+    if colo:  # before REASON, which is the long one
+        at = fields.index("reason")
+        fields[at:at] = [f for _, f in COLO_COLUMNS]
+        header[at:at] = [h for h, _ in COLO_COLUMNS]
     return table(
-        [["" if r.get(c) is None else str(r.get(c)) for c in STATUS_COLUMNS] for r in rows],
-        [c.upper() for c in STATUS_COLUMNS],
+        [["" if r.get(c) is None else str(r.get(c)) for c in fields] for r in rows], header
     )
 
 
@@ -89,9 +109,16 @@ def api_protect(args: argparse.Namespace) -> int:
         "no_disk": args.d,
         "unsafe": args.F,
     }
+    if getattr(args, "colo", False):
+        body.update(
+            mode="colo",
+            checkpoint_max_interval_s=args.checkpoint_max_interval,
+            compare_timeout_ms=args.compare_timeout,
+        )
     with client(args) as c:
         p = c.post("/v1/protections", body)
-    _out(args, p, f"{p['name']}: protecting to {p['peer']} ({p['state']})")
+    how = " with COLO, the disk not replicated" if p.get("mode") == "colo" else ""
+    _out(args, p, f"{p['name']}: protecting to {p['peer']}{how} ({p['state']})")
     return 0
 
 

@@ -120,7 +120,12 @@ def _sim(args: argparse.Namespace) -> SimHypervisor:
 
 
 def cmd_domain_create(args: argparse.Namespace) -> int:
-    info = _sim(args).create_domain(args.name, args.memory, dirty_rate=args.dirty_rate)
+    info = _sim(args).create_domain(
+        args.name,
+        args.memory,
+        dirty_rate=args.dirty_rate,
+        nondeterministic=args.nondeterministic,
+    )
     print(f"domain {info.name} (domid {info.domid}) running; service at {info.address}")
     return 0
 
@@ -177,9 +182,12 @@ def _settings(args: argparse.Namespace) -> RemusSettings:
 
 def cmd_protect(args: argparse.Namespace) -> int:
     if not args.foreground:
-        if args.colo:
+        if args.colo and args.verify_memory:
+            # it hashes the whole memory on both hosts at every checkpoint: a test and
+            # audit tool, not something remusd runs for a protection
             print(
-                "remusctl: --colo runs in this process for now: add --foreground", file=sys.stderr
+                "remusctl: --verify-memory runs in this process: add --foreground",
+                file=sys.stderr,
             )
             return 2
         if args.b or args.ssh is not None:
@@ -249,22 +257,25 @@ def cmd_protect(args: argparse.Namespace) -> int:
 
 
 def _protect_colo(hv: Hypervisor, args: argparse.Namespace, command: str | None) -> int:
-    print(
-        "remusctl: COLO: both copies run and each checkpoint makes the secondary's memory "
-        "the primary's. Not there yet: the network half (input mirrored, output compared, "
-        "checkpoints on divergence) and disk replication; checkpoints come from the timer",
-        file=sys.stderr,
-    )
+    if not args.d:
+        print(
+            "remusctl: COLO replicates memory and network; the secondary copy writes a disk "
+            "of its own (COLO block replication is not built): use shared-nothing guests",
+            file=sys.stderr,
+        )
     base = _settings(args)
     settings = ColoSettings(
         **dataclasses.asdict(base),
         checkpoint_max_interval=args.checkpoint_max_interval,
         verify_memory=args.verify_memory,
+        compare_output=not args.n,
+        compare_timeout=args.compare_timeout / 1000.0,
     )
     status = asyncio.run(run_primary_colo(hv, args.name, args.to or "", settings, command=command))
     print(
         f"COLO of {args.name} ended after {status.checkpoints} checkpoints "
-        f"({status.by_divergence} on divergence, {status.by_timer} on the timer, "
+        f"({status.by_divergence} on divergence, {status.by_held} for output held, "
+        f"{status.by_timer} on the timer, "
         f"{status.memory_verified} with equal memories): {status.reason or 'stopped'}; "
         "the domain runs on here"
     )
@@ -372,6 +383,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("name")
     c.add_argument("--memory", type=int, default=128, help="MiB (default 128)")
     c.add_argument("--dirty-rate", type=int, default=0, help="pages the guest dirties per second")
+    c.add_argument(
+        "--nondeterministic",
+        type=int,
+        default=0,
+        metavar="N",
+        help="about one PUT reply in N carries a random token (COLO divergence on demand)",
+    )
     c.set_defaults(func=cmd_domain_create)
     ls = dsub.add_parser("list", help="list domains")
     ls.add_argument("--json", action="store_true")
@@ -428,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--colo",
         action="store_true",
-        help="COLO instead of Remus: the secondary copy runs too (with --foreground)",
+        help="COLO instead of Remus: the secondary copy runs too, output is compared",
     )
     pr.add_argument(
         "--checkpoint-max-interval",
@@ -436,6 +454,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=5.0,
         metavar="S",
         help="COLO: at most this many seconds between checkpoints (default 5)",
+    )
+    pr.add_argument(
+        "--compare-timeout",
+        type=float,
+        default=100.0,
+        metavar="MS",
+        help="COLO: output held this long for the secondary's asks for a checkpoint "
+        "(default 100)",
     )
     pr.add_argument(
         "--verify-memory",

@@ -282,8 +282,10 @@ async def run_primary_colo(
             "state": st.state,
             "checkpoints": st.checkpoints,
             "checkpoints_by_divergence": st.by_divergence,
+            "checkpoints_by_held_output": st.by_held,
             "checkpoints_by_timer": st.by_timer,
             "memory_verified": st.memory_verified,
+            **(primary.net.figures() if primary.net is not None else st.net),
             "pause_ms_p50": round(statistics.median(pauses) * 1e3, 3) if pauses else None,
             "peer": to,
             "reason": st.reason,
@@ -291,11 +293,39 @@ async def run_primary_colo(
         }
 
     publisher = asyncio.create_task(_publish(path, make))
-    asyncio.get_running_loop().add_signal_handler(
-        signal.SIGTERM, lambda: primary.session and asyncio.ensure_future(primary.session.abort())
-    )
+    run = asyncio.create_task(primary.run())
+    stoppers: list[asyncio.Task[None]] = []
+
+    async def stop() -> None:
+        # SIGTERM can come before the helper runs (HELLO, the vif's queues being set
+        # up), when aborting the session does nothing: ask again until it runs, and
+        # cancel outright what comes before the session, when no checkpoint can be
+        # half done
+        while not run.done():
+            session = primary.session
+            if session is None:
+                with contextlib.suppress(Exception):
+                    ctl.send(Shutdown("unprotect"))
+                run.cancel()
+                return
+            await session.abort()
+            await asyncio.sleep(0.05)
+
+    def unprotect() -> None:
+        primary.status.reason = primary.status.reason or "unprotected"
+        if not stoppers:
+            stoppers.append(asyncio.create_task(stop()))
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, unprotect)
     try:
-        return await primary.run()
+        try:
+            return await run
+        except asyncio.CancelledError:
+            me = asyncio.current_task()
+            if not stoppers or (me is not None and me.cancelling()):
+                raise  # we are cancelled ourselves, not stopped by SIGTERM
+            primary.status.state = "stopped"
+            return primary.status
     finally:
         publisher.cancel()
         _write_json(path, make())
@@ -360,10 +390,12 @@ async def run_secondary_on(
     name_box: dict[str, str] = {"name": "incoming"}
 
     def make() -> dict[str, Any]:
-        age = round(time.monotonic() - ctl.last_heard, 3)
-        return summarize(
-            "secondary", name_box["name"], secondary.status, {"last_heartbeat_age": age}
-        )
+        extra: dict[str, Any] = {"last_heartbeat_age": round(time.monotonic() - ctl.last_heard, 3)}
+        if isinstance(secondary, ColoSecondary):
+            extra["mode"] = "colo"
+            if secondary.net is not None:
+                extra.update(secondary.net.figures())
+        return summarize("secondary", name_box["name"], secondary.status, extra)
 
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGUSR1, secondary.force_failover)

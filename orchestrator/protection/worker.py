@@ -11,29 +11,48 @@ it on every way out (``RemusPrimary.run``'s ``finally``).
     python -m orchestrator.protection.worker --status-dir D [--host H] \\
         primary NAME --to PEER [-i MS] [--netbuf MODE] [-n] [-d] [-b]
     python -m orchestrator.protection.worker --status-dir D [--host H] \\
+        primary NAME --to PEER --colo [--checkpoint-max-interval S] \\
+        [--compare-timeout MS] [-n]
+    python -m orchestrator.protection.worker --status-dir D [--host H] \\
         secondary --stream-fd N --control-fd M
 
 SIGTERM on a primary ends replication cleanly (unprotect); SIGUSR1 on a
-secondary fails over now.
+secondary fails over now. A COLO primary (``--colo``; ``-n``: output is not
+compared) needs no COLO flag on the other side: the secondary learns it from
+the primary's HELLO.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import socket
 import sys
 from pathlib import Path
 
 from ..hypervisors.base import Hypervisor
 from ..hypervisors.select import open_hypervisor
+from .colo import ColoSettings
 from .remus import Control, RemusSettings, Unprotected
-from .runner import NETBUF_MODES, run_primary, run_secondary_on
+from .runner import NETBUF_MODES, run_primary, run_primary_colo, run_secondary_on
 
 
 def _settings(args: argparse.Namespace) -> RemusSettings:
     return RemusSettings(
         interval=args.interval / 1000.0, heartbeat_timeout=args.heartbeat_timeout / 1000.0
+    )
+
+
+def _colo_settings(args: argparse.Namespace) -> ColoSettings:
+    return ColoSettings(
+        **dataclasses.asdict(_settings(args)),
+        checkpoint_max_interval=args.checkpoint_max_interval,
+        compare_timeout=args.compare_timeout / 1000.0,
+        compare_output=not args.unchecked_output,
+        # a digest of the whole memory on both sides at every checkpoint: for tests
+        # and audits (`remusctl protect --foreground --verify-memory`), not a service
+        verify_memory=False,
     )
 
 
@@ -66,6 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--netbuf", choices=[*NETBUF_MODES, "none"], default="auto")
     p.add_argument("-d", dest="no_disk", action="store_true")
     p.add_argument("-b", dest="blackhole", action="store_true")
+    p.add_argument("--colo", action="store_true")
+    p.add_argument("--checkpoint-max-interval", type=float, default=5.0, help="s (COLO)")
+    p.add_argument("--compare-timeout", type=float, default=100.0, help="ms (COLO)")
+    p.add_argument(
+        "-n",
+        dest="unchecked_output",
+        action="store_true",
+        help="output leaves at once: Remus buffers none (--netbuf none), COLO compares none",
+    )
     s = sub.add_parser("secondary")
     s.add_argument("--stream-fd", type=int, required=True)
     s.add_argument("--control-fd", type=int, required=True)
@@ -73,13 +101,24 @@ def main(argv: list[str] | None = None) -> int:
     hv = open_hypervisor(args.backend, args.host)
     if args.role == "secondary":
         return asyncio.run(_secondary(hv, args))
+    if args.colo:
+        colo = asyncio.run(
+            run_primary_colo(hv, args.name, args.to, _colo_settings(args), args.status_dir)
+        )
+        print(
+            f"COLO ended after {colo.checkpoints} checkpoints ({colo.by_divergence} on "
+            f"divergence, {colo.by_held} for held output, {colo.by_timer} on the timer): "
+            f"{colo.reason}",
+            flush=True,
+        )
+        return 0
     status = asyncio.run(
         run_primary(
             hv,
             args.name,
             args.to,
             _settings(args),
-            args.netbuf,
+            "none" if args.unchecked_output else args.netbuf,
             disk=not args.no_disk,
             blackhole=args.blackhole,
             status_dir=args.status_dir,

@@ -35,7 +35,7 @@ from ..savehelper.spawn import HelperNotFound, find_helper
 from ..transport.control import PROTOCOL_VERSION
 from . import config as configmod
 from .http import ApiError, EventStream, HttpServer, Request, Response, Route, Router
-from .metrics import CONTENT_TYPE, MetricsRegistry
+from .metrics import CONTENT_TYPE, Counter, MetricsRegistry
 from .registry import NotFound, Registry
 from .supervisor import ProtectError, ProtectRequest, Supervisor
 
@@ -43,6 +43,12 @@ log = logging.getLogger("remusd")
 
 VERSION: Final = "0.1.0"
 EVENTS_KEEP: Final = 10_000
+# remus_colo_checkpoints_total's reason label and the status file field it counts
+COLO_REASONS: Final = (
+    ("divergence", "checkpoints_by_divergence"),
+    ("held", "checkpoints_by_held_output"),
+    ("timer", "checkpoints_by_timer"),
+)
 
 # the API's own error codes and their HTTP status
 CODES: Final = {
@@ -66,9 +72,68 @@ PROTECT_SCHEMA: Final = {
         "interval_ms": {"type": "integer", "minimum": 0, "maximum": 60000},
         "netbuf": {"type": "string", "enum": ["auto", "plug", "nfqueue", "proxy"]},
         "no_netbuf": {"type": "boolean"},
-        "no_disk": {"type": "boolean"},
+        "no_disk": {
+            "type": "boolean",
+            "description": "Remus: do not replicate the disk (needs unsafe). COLO never "
+            "replicates the disk: accepted and ignored",
+        },
         "unsafe": {"type": "boolean"},
+        "mode": {
+            "type": "string",
+            "enum": ["remus", "colo"],
+            "default": "remus",
+            "description": "colo: both copies run, checkpoints when their output differs",
+        },
+        "checkpoint_max_interval_s": {
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "maximum": 3600,
+            "default": 5.0,
+            "description": "COLO: at most this long between checkpoints",
+        },
+        "compare_timeout_ms": {
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "maximum": 60000,
+            "default": 100,
+            "description": "COLO: output held this long for the secondary's asks for a checkpoint",
+        },
     },
+}
+
+
+def _figure(description: str, kind: str = "integer") -> dict[str, Any]:
+    # null: not measured (the worker has not published it yet, or -n compares nothing)
+    return {"type": [kind, "null"], "description": description}
+
+
+# the COLO fields of a worker's status file that the API serves, per role
+COLO_PRIMARY_FIELDS: Final = {
+    "checkpoints": _figure("Checkpoints the secondary has loaded"),
+    "checkpoints_by_divergence": _figure("Checkpoints because the copies' output differed"),
+    "checkpoints_by_held_output": _figure(
+        "Checkpoints because output waited past compare_timeout_ms for the secondary's"
+    ),
+    "checkpoints_by_timer": _figure("Checkpoints because checkpoint_max_interval_s passed"),
+    "memory_verified": _figure("Checkpoints whose memory digests matched (--verify-memory)"),
+    "pause_ms_p50": _figure("Guest pause per checkpoint, median of the recent ones", "number"),
+    "compared_packets": _figure("Primary output packets compared with the secondary's"),
+    "matched_bytes": _figure("Output bytes both copies sent alike"),
+    "mismatches": _figure("Comparisons that found the copies' output different"),
+    "released_at_once": _figure("Output packets released as soon as they matched"),
+    "released_at_checkpoint": _figure("Output packets released by a checkpoint"),
+    "held_packets": _figure("Output packets held now"),
+    "oldest_held_ms": _figure("Age of the oldest held output packet", "number"),
+    "mirrored_packets": _figure("Client packets mirrored to the secondary copy"),
+    "mirrored_bytes": _figure("Client bytes mirrored to the secondary copy"),
+}
+COLO_SECONDARY_FIELDS: Final = {
+    "checkpoints": _figure("Checkpoints loaded into the secondary copy"),
+    "injected_packets": _figure("Mirrored client packets fed to the secondary copy"),
+    "reported_bytes": _figure("Secondary output bytes sent to the primary for comparison"),
+    "dropped_unknown": _figure("Mirrored packets of no connection the secondary copy knows"),
+    "inject_errors": _figure("Mirrored packets that could not be fed to the secondary copy"),
+    "output_filtered": _figure("The secondary copy's output is kept from the network", "boolean"),
 }
 PROTECTION_SCHEMA: Final = {
     "type": "object",
@@ -76,11 +141,25 @@ PROTECTION_SCHEMA: Final = {
         "name": {"type": "string"},
         "role": {"type": "string", "enum": ["primary", "secondary"]},
         "peer": {"type": "string"},
+        "mode": {"type": "string", "enum": ["remus", "colo"]},
         "desired": {"type": "string"},
         "state": {"type": "string"},
         "checkpoints": {"type": "integer"},
         "reason": {"type": "string"},
-        "live": {"type": "object"},
+        "settings": {"type": "object"},
+        "disk": {
+            "type": ["string", "null"],
+            "description": "replicated or not replicated (always not for COLO); null on "
+            "a secondary",
+        },
+        "colo": {
+            "type": ["object", "null"],
+            "description": "COLO's figures (null for Remus): the primary's or the "
+            "secondary's properties below, as the role has them",
+            "properties": {**COLO_PRIMARY_FIELDS, **COLO_SECONDARY_FIELDS},
+            "additionalProperties": False,
+        },
+        "live": {"type": "object", "description": "The worker's status file as it is"},
     },
 }
 FAILOVER_SCHEMA: Final = {
@@ -170,6 +249,33 @@ class Service:
             self._states,
             ("domain", "peer", "role", "state"),
         )
+        self.m_colo_checkpoints = m.counter(
+            "remus_colo_checkpoints_total",
+            "COLO checkpoints by what asked for them (divergent output, output held too "
+            "long, the timer)",
+            (*labels, "reason"),
+        )
+        self.m_colo_compared = m.counter(
+            "remus_colo_compared_packets_total",
+            "COLO: primary output packets compared with the secondary's",
+            labels,
+        )
+        self.m_colo_mismatches = m.counter(
+            "remus_colo_mismatches_total",
+            "COLO: comparisons that found the output different",
+            labels,
+        )
+        self.m_colo_mirrored = m.counter(
+            "remus_colo_mirrored_packets_total",
+            "COLO: client packets mirrored to the secondary copy",
+            labels,
+        )
+        m.callback_gauge(
+            "remus_colo_held_packets",
+            "COLO: output packets held now for the secondary's or a checkpoint",
+            self._status_values("held_packets", mode="colo"),
+            labels,
+        )
 
     def _statuses(self) -> list[tuple[Any, dict[str, Any]]]:
         out = []
@@ -179,14 +285,14 @@ class Service:
                 out.append((rec, st))
         return out
 
-    def _status_values(self, key: str) -> Any:
+    def _status_values(self, key: str, mode: str | None = None) -> Any:
         scale = 1e-3 if key.endswith("_ms_p50") else 1.0
 
         def values() -> dict[tuple[str, ...], float]:
             return {
                 (rec.name, rec.peer): float(st[key]) * scale
                 for rec, st in self._statuses()
-                if st.get(key) is not None
+                if st.get(key) is not None and mode in (None, rec.mode)
             }
 
         return values
@@ -207,6 +313,7 @@ class Service:
         for rec, st in self._statuses():
             key = (rec.name, int(st.get("pid", 0)))
             before = self._seen.get(key, {})
+            seen = dict(before)
             done = int(st.get("checkpoints") or 0)
             if rec.role == "primary":
                 self.m_checkpoints.labels(domain=rec.name, peer=rec.peer).inc(
@@ -220,11 +327,33 @@ class Service:
                         self.m_pause.labels(domain=rec.name, peer=rec.peer).merge(
                             delta, max(0.0, float(hist["sum"]) - float(before.get("sum", 0.0)))
                         )
-                    before = {"counts": hist["counts"], "sum": hist["sum"]}
+                    seen.update(counts=hist["counts"], sum=hist["sum"])
+                if rec.mode == "colo":
+                    self._fold_colo(rec, st, before, seen)
             if st.get("state") == "failed-over" and not before.get("failed_over"):
                 self.m_failovers.labels(domain=rec.name).inc()
-                before = {**before, "failed_over": True}
-            self._seen[key] = {**before, "checkpoints": done}
+                seen["failed_over"] = True
+            self._seen[key] = {**seen, "checkpoints": done}
+
+    def _fold_colo(
+        self, rec: Any, st: dict[str, Any], before: dict[str, Any], seen: dict[str, Any]
+    ) -> None:
+        labels = {"domain": rec.name, "peer": rec.peer}
+        counters: list[tuple[Counter, dict[str, str], str]] = [
+            (self.m_colo_checkpoints, {**labels, "reason": reason}, field)
+            for reason, field in COLO_REASONS
+        ]
+        counters += [
+            (self.m_colo_compared, labels, "compared_packets"),
+            (self.m_colo_mismatches, labels, "mismatches"),
+            (self.m_colo_mirrored, labels, "mirrored_packets"),
+        ]
+        for family, values, field in counters:
+            value = st.get(field)
+            if value is None:  # -n: nothing compared or mirrored, so no series either
+                continue
+            family.labels(**values).inc(max(0, int(value) - int(before.get(field, 0))))
+            seen[field] = int(value)
 
     def render_metrics(self) -> bytes:
         self._fold_counters()
@@ -240,6 +369,14 @@ class Service:
                 404, "PROTECTION_NOT_FOUND", f"no protection of {name!r} on this host"
             ) from None
         st = self.supervisor.read_status(name) or {}
+        colo = None
+        if rec.mode == "colo":
+            fields = COLO_PRIMARY_FIELDS if rec.role == "primary" else COLO_SECONDARY_FIELDS
+            colo = {k: st.get(k) for k in fields}
+        disk = None
+        if rec.role == "primary":  # the worker knows best (a domain may have no disk)
+            disk = "not replicated" if rec.mode == "colo" else st.get("disk")
+            disk = disk or rec.settings.get("disk")
         return {
             "name": rec.name,
             "role": rec.role,
@@ -251,6 +388,8 @@ class Service:
             "checkpoints": int(st.get("checkpoints") or rec.checkpoints),
             "reason": st.get("reason") or rec.reason,
             "settings": rec.settings,
+            "disk": disk,
+            "colo": colo,
             "live": {k: v for k, v in st.items() if k != "pause_histogram"},
         }
 
@@ -310,6 +449,9 @@ class Service:
             no_netbuf=b.get("no_netbuf", False),
             no_disk=b.get("no_disk", False),
             unsafe=b.get("unsafe", False),
+            mode=b.get("mode", "remus"),
+            checkpoint_max_interval_s=float(b.get("checkpoint_max_interval_s", 5.0)),
+            compare_timeout_ms=float(b.get("compare_timeout_ms", 100.0)),
         )
         with contextlib.suppress(NotFound):
             rec = self.registry.get(pr.name)

@@ -56,6 +56,7 @@ from ..transport.channels import (
 )
 from ..transport.control import PROTOCOL_VERSION, ControlError, Hello, encode_event
 from .config import Config, parse_hostport
+from .registry import Mode
 
 log = logging.getLogger(__name__)
 
@@ -78,18 +79,32 @@ class ProtectRequest:
     peer: str
     interval_ms: int = 200
     netbuf: str = "auto"  # auto|plug|nfqueue|proxy
-    no_netbuf: bool = False  # -n
-    no_disk: bool = False  # -d
+    no_netbuf: bool = False  # -n (COLO: output is not compared)
+    no_disk: bool = False  # -d (COLO: ignored, it never replicates the disk)
     unsafe: bool = False  # -F
+    mode: Mode = "remus"
+    checkpoint_max_interval_s: float = 5.0  # COLO
+    compare_timeout_ms: float = 100.0  # COLO
 
     def settings(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
+            "mode": self.mode,
             "interval_ms": self.interval_ms,
             "netbuf": self.netbuf,
             "no_netbuf": self.no_netbuf,
             "no_disk": self.no_disk,
             "unsafe": self.unsafe,
+            "disk": "not replicated" if self.no_disk else "replicated",
         }
+        if self.mode == "colo":
+            # the secondary copy runs and writes a disk of its own: said here so that
+            # nobody reads "protected" as "the disk is safe too"
+            out.update(
+                checkpoint_max_interval_s=self.checkpoint_max_interval_s,
+                compare_timeout_ms=self.compare_timeout_ms,
+                disk="not replicated",
+            )
+        return out
 
 
 @dataclass
@@ -245,14 +260,19 @@ class Supervisor:
                 fail("domain_running", f"domain {req.name} is {info.state}, not running")
         except DomainNotFound as exc:
             fail("domain_exists", str(exc))
-        unsafe = [f for f, on in (("-n", req.no_netbuf), ("-d", req.no_disk)) if on]
+        colo = req.mode == "colo"
+        # COLO replicates no disk whatever -d says, so -d asks for nothing unsafe there
+        disk_flag = req.no_disk and not colo
+        unsafe = [f for f, on in (("-n", req.no_netbuf), ("-d", disk_flag)) if on]
         if unsafe and not req.unsafe:
             fail("unsafe", f"{' '.join(unsafe)} needs unsafe (-F), as with xl remus")
         try:
             find_helper(self.hv.helper_env())
         except HelperNotFound as exc:
             fail("helper", str(exc))
-        if info is not None and not req.no_netbuf:
+        if colo:
+            self._preflight_colo(req, info, fail)
+        elif info is not None and not req.no_netbuf:
             options = netbuf_options(self.hv, info.domid)
             if req.netbuf != "auto" and options.get(req.netbuf):
                 fail("netbuf", f"{req.netbuf}: {options[req.netbuf]}")
@@ -276,7 +296,26 @@ class Supervisor:
                 )
             if req.name in peer.config.get("domains", []):
                 fail("peer_name", f"peer already runs a domain named {req.name}")
+            if colo and peer.config.get("backend") == "xen":
+                fail("colo", f"peer {req.peer} runs Xen, which has no COLO for PV guests")
         return reasons
+
+    def _preflight_colo(
+        self, req: ProtectRequest, info: Any, fail: Callable[[str, str], None]
+    ) -> None:
+        if self.hv.name == "xen":
+            fail("colo", "COLO on Xen is not supported (Xen ships COLO for HVM guests only)")
+        if info is None or req.no_netbuf:
+            return
+        # the worker would find this out only after connecting to the peer
+        vif = self.hv.vif_name(info.domid)
+        why = nfqueue_available() if vif else "the guest has no vif (not root)"
+        if why:
+            fail(
+                "colo_compare",
+                f"COLO compares the guest's output with NFQUEUE: {why} "
+                "(-n -F runs COLO without comparing: output leaves unchecked)",
+            )
 
     async def protect(self, req: ProtectRequest) -> None:
         if req.name in self.workers and self.workers[req.name].alive():
@@ -289,9 +328,10 @@ class Supervisor:
             code = "PEER_UNREACHABLE" if unreachable == reasons else "NOT_PROTECTABLE"
             raise ProtectError(code, "; ".join(r["message"] for r in reasons), reasons)
         self.registry.add_protection(
-            name=req.name, role="primary", peer=req.peer, mode="remus", settings=req.settings()
+            name=req.name, role="primary", peer=req.peer, mode=req.mode, settings=req.settings()
         )
-        self.emit("protected", f"protecting to {req.peer}", req.name, req.settings())
+        what = " with COLO (the disk is not replicated)" if req.mode == "colo" else ""
+        self.emit("protected", f"protecting to {req.peer}{what}", req.name, req.settings())
         await self._spawn_primary(req.name, req.peer, req.settings())
 
     async def _spawn_primary(self, name: str, peer: str, settings: dict[str, Any]) -> None:
@@ -303,11 +343,22 @@ class Supervisor:
             name,
             "--to",
             peer,
-            "--netbuf",
-            "none" if settings.get("no_netbuf") else str(settings.get("netbuf", "auto")),
         ]
-        if settings.get("no_disk"):
-            argv.append("-d")
+        if settings.get("mode") == "colo":
+            argv += [
+                "--colo",
+                "--checkpoint-max-interval",
+                str(settings.get("checkpoint_max_interval_s", 5.0)),
+                "--compare-timeout",
+                str(settings.get("compare_timeout_ms", 100.0)),
+            ]
+            if settings.get("no_netbuf"):
+                argv.append("-n")
+        else:
+            netbuf = "none" if settings.get("no_netbuf") else str(settings.get("netbuf", "auto"))
+            argv += ["--netbuf", netbuf]
+            if settings.get("no_disk"):
+                argv.append("-d")
         # a stale status file must not be read as the new worker's
         self.status_path(name).unlink(missing_ok=True)
         proc = self._popen(argv, name, ())
@@ -435,10 +486,12 @@ class Supervisor:
     def _adopt_secondary(self, name: str, st: dict[str, Any]) -> None:
         with contextlib.suppress(Exception):
             self.registry.remove(name)  # a previous protection of the same domain
+        # the secondary learns COLO from the primary's HELLO, so only its worker knows
+        mode: Mode = "colo" if st.get("mode") == "colo" else "remus"
         self.registry.add_protection(
-            name=name, role="secondary", peer=str(st.get("peer", "")), mode="remus", settings={}
+            name=name, role="secondary", peer=str(st.get("peer", "")), mode=mode, settings={}
         )
-        self.emit("receiving", "secondary copy started", name, None)
+        self.emit("receiving", f"secondary copy started ({mode})", name, None)
 
     def _poll_one(self, name: str) -> None:
         w = self.workers.get(name)

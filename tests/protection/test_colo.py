@@ -54,8 +54,8 @@ def test_memories_equal_at_every_checkpoint_and_failover_without_restore(
         s_task = asyncio.create_task(secondary.run())
         await wait_for(lambda: primary.status.checkpoints >= 2)
         assert secondary.running, "the secondary copy runs after the first checkpoint"
+        await wait_for(lambda: b.lookup("web").state == "running")  # between checkpoints
         svm = b.lookup("web")
-        assert svm.state == "running"
         # the secondary copy's own writes (its output never leaves its host, so
         # they are made here as its guest would make them: page written, then
         # marked) are undone by the next checkpoint: the union was sent
@@ -211,8 +211,12 @@ def test_colo_from_the_cli_primary_killed_secondary_already_serving(
         )
         row = wait_checkpoints(a.host, 2)
         assert row["mode"] == "colo"
-        svm = b.lookup("web")
-        assert svm.state == "running"  # the secondary copy runs before any failover
+        # the secondary copy runs before any failover (between its checkpoints: every
+        # 0.1 s it is suspended for a moment to take one)
+        deadline = time.monotonic() + 10
+        while (svm := b.lookup("web")).state != "running" and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert svm.state == "running"
         for i in range(10):
             assert kv_sync(info.address, [f"PUT c{i} v{i}".encode()]) == [b"OK"]
         done = int(row["checkpoints"])  # type: ignore[call-overload]
