@@ -453,6 +453,14 @@ class ColoSecondary(RemusSecondary):
         self._svm_suspended = False
         self.net: ColoNetSecondary | None = None
 
+    def force_failover(self) -> None:
+        """As Remus's, and the primary is told at once: it sends no checkpoint while
+        its copies agree, so a broken stream alone could go unnoticed there for up
+        to ``checkpoint_max_interval``."""
+        with contextlib.suppress(Exception):
+            self.ctl.send(Failover("failover forced by the administrator on the secondary"))
+        super().force_failover()
+
     def _control_event(self, event: object) -> None:
         if self.net is None:
             return

@@ -282,3 +282,28 @@ def _read_all(address: str, keys: list[str]) -> list[bytes]:
         f.write(b"".join(f"GET {k}\n".encode() for k in keys))
         f.flush()
         return [f.readline().rstrip(b"\n") for _ in keys]
+
+
+def test_forced_failover_lets_the_secondary_copy_out(
+    hosts: tuple[SimHypervisor, SimHypervisor],
+) -> None:
+    """`remusctl failover --force` on the secondary (what SIGUSR1 does to a worker):
+    the copy that ran all along keeps its state, its output filter goes, and it
+    answers; the primary hears the stream break and serves on alone."""
+    a, b = hosts
+    info = a.create_domain("web", memory_mib=16)
+
+    async def go() -> None:
+        _primary, secondary, p_task, s_task = await colo(a, b, "web", SETTINGS)
+        assert await session(info.address, [b"PUT kept yes"]) == [b"OK"]
+        secondary.force_failover()
+        out = await asyncio.wait_for(s_task, 20)
+        assert secondary.status.state == "failed-over"
+        assert "forced" in secondary.status.reason
+        assert await session(out.address, [b"GET kept"]) == [b"VALUE yes"]
+        assert secondary.net is not None and not secondary.net.filtering
+        status = await asyncio.wait_for(p_task, 30)
+        assert status.state == "stopped" and a.lookup("web").state == "running"
+        assert await session(info.address, [b"GET kept"]) == [b"VALUE yes"]
+
+    asyncio.run(go())
