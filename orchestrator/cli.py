@@ -460,8 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=100.0,
         metavar="MS",
-        help="COLO: output held this long for the secondary's asks for a checkpoint "
-        "(default 100)",
+        help="COLO: output held this long for the secondary's asks for a checkpoint (default 100)",
     )
     pr.add_argument(
         "--verify-memory",

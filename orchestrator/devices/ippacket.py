@@ -182,9 +182,7 @@ class TcpSegment:
 
 def _tcp_header_len(packet: bytes | bytearray, hlen: int, total: int) -> int:
     if total - hlen < 20:
-        raise PacketError(
-            f"truncated TCP header: {total - hlen} bytes, need 20 at offset {hlen}"
-        )
+        raise PacketError(f"truncated TCP header: {total - hlen} bytes, need 20 at offset {hlen}")
     doff = (packet[hlen + 12] >> 4) * 4
     if doff < 20:
         raise PacketError(f"TCP data offset {doff} < 20 at offset {hlen + 12}")

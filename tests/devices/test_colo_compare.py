@@ -287,9 +287,7 @@ def test_rewrite_udp_and_icmp() -> None:
 )
 def test_segment(length: int, mtu: int, seq: int, flags: int, with_ts: bool, ip_id: int) -> None:
     payload = bytes(i % 251 for i in range(length))
-    packet = _tcp(
-        seq=seq, flags=flags, payload=payload, tsval=7 if with_ts else None, ip_id=ip_id
-    )
+    packet = _tcp(seq=seq, flags=flags, payload=payload, tsval=7 if with_ts else None, ip_id=ip_id)
     pieces = ip.segment(packet, mtu)
     if len(packet) <= mtu:
         assert pieces == [packet] and pieces[0] is packet
@@ -489,9 +487,7 @@ def test_connection_forgotten_after_fin_and_rst() -> None:
     assert c.primary_packet("new", p_pkt(4, b"?"), 0.0) == []  # data after the end: held
     other = (40001, GPORT)
     c.primary_packet("sa2", syn_ack(key=other), 0.0)
-    rst = ip.build_tcp(
-        src=GUEST, dst=CLIENT, sport=GPORT, dport=40001, seq=P_ISN + 1, flags=ip.RST
-    )
+    rst = ip.build_tcp(src=GUEST, dst=CLIENT, sport=GPORT, dport=40001, seq=P_ISN + 1, flags=ip.RST)
     assert released(c.primary_packet("rst", rst, 0.0)) == ["rst"]
     assert c.connections == 0
 
