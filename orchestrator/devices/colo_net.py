@@ -98,7 +98,7 @@ class ColoNetPrimary:
             tap.bind((self.vif, ETH_P_ALL))
             tap.setblocking(False)
             tap.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-            self._queue.open()
+            await self._queue.open()
         except BaseException:
             tap.close()
             raise
@@ -243,7 +243,7 @@ class ColoNetSecondary:
         raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         raw.setblocking(False)
         try:
-            self._queue.open()
+            await self._queue.open()
         except BaseException:
             raw.close()
             raise

@@ -72,7 +72,7 @@ class PacketQueue:
         if self._nfq is not None:
             self._nfq.run(block=False)
 
-    def open(self) -> None:
+    async def open(self) -> None:
         why = nfqueue_available()
         if why:
             raise NetbufUnavailable(why)
@@ -90,7 +90,9 @@ class PacketQueue:
                     raise NetbufUnavailable("no free NFQUEUE number") from None
                 self.queue_num = (self.queue_num + 1) % 65536
         self._rule[-1] = str(self.queue_num)
-        r = self._iptables("-I")
+        # iptables takes its time on a busy host: not on the event loop, where it
+        # would hold up the heartbeats the peer's failover watchdog counts on
+        r = await asyncio.to_thread(self._iptables, "-I")
         if r.returncode:
             self._nfq.unbind()
             self._nfq = None
@@ -131,7 +133,7 @@ class NfqueueNetbuf(CheckpointDevice):
         self.max_held = max(self.max_held, len(self.held))
 
     async def setup(self) -> None:
-        self._queue.open()
+        await self._queue.open()
 
     async def postsuspend(self, epoch: int) -> None:
         # packets the guest sent before it stopped may still sit in the kernel queue

@@ -324,19 +324,22 @@ class RemusPrimary:
     async def run(self) -> RemusStatus:
         caps = ("ack", "disk") if any(d.name == "disk" for d in self.devices) else ("ack",)
         hello = Hello(self.domain.uuid, self.domain.config, caps)
+        tasks = []
         if self.ctl is not None:
             await self.ctl.hello(hello, self.settings.ack_timeout)
+            # from the HELLO on: the secondary's watchdog runs from our prelude on,
+            # and setting up the devices can take longer than its timeout
+            tasks.append(
+                asyncio.create_task(_heartbeats(self.ctl, self.settings.heartbeat_interval))
+            )
         await asyncio.to_thread(
             _send_all, self.stream, libxl.Header().encode() + libxl.LIBXC_CONTEXT_RECORD
         )
         for dev in self.devices:
             await dev.setup()
-        tasks = [asyncio.create_task(self._watchdog())]
+        tasks.append(asyncio.create_task(self._watchdog()))
         if self.ctl is not None:
             tasks.append(asyncio.create_task(self._control_reader()))
-            tasks.append(
-                asyncio.create_task(_heartbeats(self.ctl, self.settings.heartbeat_interval))
-            )
         self.session = HelperSession(
             Mode.SAVE,
             Callbacks(suspend=self._suspend, postcopy=self._postcopy, checkpoint=self._checkpoint),
