@@ -3,8 +3,10 @@
 The boot files come from ``lab/build.sh`` (cached). A lab host is one QEMU
 process: Xen 4.17 (with shadow paging) loaded as a multiboot kernel, Debian's
 kernel as dom0 with the whole dom0 root file system as its initramfs, and two
-virtio-9p shares: ``lab`` (a work directory, read-write) and ``src`` (this
-repository, read-only, mounted at /opt/remus). dom0's /init (``lab/dom0-init``)
+virtio-9p shares: ``lab`` (a work directory, read-write) and ``src`` (a copy of
+this checkout taken when the host starts, read-only, mounted at /opt/remus:
+every job of a session runs the same code even while the checkout is edited,
+as the host's pytest does). dom0's /init (``lab/dom0-init``)
 runs every ``jobs/NAME.sh`` the runner drops into the work directory and
 leaves ``NAME.out`` and ``NAME.rc`` beside it. Typing into the serial console
 loses characters on long lines under TCG; files on 9p do not.
@@ -40,6 +42,11 @@ BOOT_FILES = ("xen", "vmlinuz", "dom0.cpio.gz", "guest.cpio.gz")
 # corruption ("free(): corrupted unsorted chunks"). A Nehalem CPU model (SSE4.2,
 # no AVX, no newer extensions) ran every job here without corruption.
 TCG_CPU = "Nehalem"
+# not copied into the lab's snapshot of the checkout
+SNAPSHOT_IGNORE = shutil.ignore_patterns(
+    ".git", ".venv", ".vagrant", "__pycache__", "*.pyc", ".mypy_cache", ".ruff_cache",
+    ".pytest_cache", ".hypothesis", "*.egg-info", "build", "bench-out",
+)  # fmt: skip
 
 
 class LabError(Exception):
@@ -144,6 +151,7 @@ class Lab:
     ) -> None:
         self.workdir, self.cache = workdir, cache
         self.memory_mib, self.dom0_mib, self.smp = memory_mib, dom0_mib, smp
+        self.src = workdir / "src"
         self.proc: subprocess.Popen[bytes] | None = None
         self.boot_seconds = 0.0
         self._jobs = 0
@@ -171,7 +179,7 @@ class Lab:
             "-virtfs",
             f"local,path={self.workdir},mount_tag=lab,security_model=none,id=lab",
             "-virtfs",
-            f"local,path={REPO},mount_tag=src,security_model=none,id=src,readonly=on",
+            f"local,path={self.src},mount_tag=src,security_model=none,id=src,readonly=on",
             "-display", "none", "-monitor", "none", "-no-reboot", "-nic", "none",
             "-serial", f"file:{self.workdir / 'console.log'}",
         ]  # fmt: skip
@@ -185,6 +193,9 @@ class Lab:
         (self.workdir / "jobs").mkdir()
         with contextlib.suppress(FileNotFoundError):
             (self.workdir / "ready").unlink()
+        # the code dom0 runs: this checkout as it is now, not as it is edited later
+        shutil.rmtree(self.src, ignore_errors=True)
+        shutil.copytree(REPO, self.src, symlinks=True, ignore=SNAPSHOT_IGNORE)
         guest = self.workdir / "guest"
         guest.mkdir(exist_ok=True)
         for name in ("vmlinuz", "guest.cpio.gz"):

@@ -6,11 +6,19 @@ source /opt/remus/lab/lib.sh
 start_guest || exit 1
 pdom=$(xl domid labguest)
 boot=$(kv boot)
+report() {  # why each side ended (the secondary's reason is only in its status file)
+  for f in /tmp/remus/labguest.json /tmp/remus-b/labguest*.json; do
+    [ -e "$f" ] && python3 -c "import json,sys;d=json.load(open(sys.argv[1]));print('status', d['role'], d['state'], d['checkpoints'], 'reason:', d['reason'])" "$f"
+  done
+  grep -v "^ \|Frames\|^  File" /tmp/protect.log | tail -8
+}
+# no status files of an earlier run in this lab: cps would read their count
+rm -rf /tmp/remus-b /tmp/remus/labguest.json
 mkdir -p /tmp/remus-b
 python3 -m orchestrator.cli --backend xen protect labguest --foreground -s "" --to "env REMUS_STATE_DIR=/tmp/remus-b python3 -m orchestrator.cli --backend xen receive --stdio --heartbeat-timeout 3000 --ack-timeout 30000" -n -d -F -i ${INTERVAL:-200} --heartbeat-timeout 3000 --ack-timeout 30000 > /tmp/protect.log 2>&1 &
 cps() { python3 -c "import json;print(json.load(open('/tmp/remus/labguest.json'))['checkpoints'])" 2>/dev/null || echo 0; }
 t0=$(now)
-until [ "$(cps)" -ge 3 ]; do sleep 0.5; [ $(echo "$(now) $t0" | awk '{print ($1-$2 > 120)}') = 1 ] && { echo "no checkpoint in 120 s"; tail /tmp/protect.log; exit 1; }; done
+until [ "$(cps)" -ge 3 ]; do sleep 0.5; [ $(echo "$(now) $t0" | awk '{print ($1-$2 > 120)}') = 1 ] && { echo "no checkpoint in 120 s"; report; exit 1; }; done
 echo "FIGURE ours_first_checkpoints_s $(echo "$(now) $t0" | awk '{print $1-$2}')"
 c0=$(cps); s0=$(now)
 for i in $(seq 1 ${KEYS:-20}); do kv put=k$i=v$i >/dev/null; sleep 0.5; done
@@ -27,5 +35,5 @@ echo "FIGURE ours_failover_s $(echo "$(now) $t0" | awk '{print $1-$2}')"
 sleep 1; xl list; echo "copies=$(running_copies)"
 echo "boot_same=$([ "$(kv boot)" = "$boot" ] && echo yes || echo no)"
 for i in 1 5 10 15; do echo "k$i=$(kv get=k$i)"; done
-grep -v "^ \|Frames\|^  File" /tmp/protect.log | tail -8
+report
 cp /tmp/protect.log /mnt/lab/

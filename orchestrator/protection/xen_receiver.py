@@ -10,8 +10,10 @@ through a :class:`~orchestrator.streams.gate.CheckpointGate`:
   with libxl's checkpointed-stream (REMUS) reader;
 * the gate releases bytes to xl only up to the end of a complete
   checkpoint, and each released checkpoint is ACKed to the primary over our
-  control channel (xl acknowledges nothing; the primary's output for that
-  epoch is released on our ACK);
+  control channel as soon as it is whole here, before xl has read it (xl
+  acknowledges nothing; the primary's output for that epoch is released on
+  our ACK); xl is fed from a queue, so the stream is read on while xl
+  restores (see :meth:`XenRemusSecondary._send_acks`);
 * on failover (heartbeats stop, the stream breaks, or an administrator
   forces it) the gate drops the partial checkpoint it holds and xl's stdin
   is closed. Its input thus ends exactly at a checkpoint boundary: libxl
@@ -24,12 +26,13 @@ simulated secondary's (:class:`RemusSecondary`); only the restore differs.
 
 Status: the gate is tested on its own (``tests/streams/test_gate.py``); this
 adapter needs a running Xen (xl cannot start without xenstored and privcmd)
-and has not yet run against one: the nested lab (issue 8) is where it will.
+and runs in the nested lab (``tests/nested``, issue 8).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import json
@@ -87,14 +90,23 @@ class XlMigrateReceive:
             raise XlReceiveError(f"xl migrate-receive said {banner!r}, not its banner")
 
     async def send(self, data: bytes) -> None:
+        self.write(data)
+        await self.drain()
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes for xl's stdin; :meth:`drain` waits until xl has taken them."""
         assert self.proc is not None and self.proc.stdin is not None
         self.proc.stdin.write(data)
+
+    async def drain(self) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
         await self.proc.stdin.drain()
 
     async def finish(self) -> tuple[int, int | None, str]:
         """Close xl's input (at a checkpoint boundary) and wait: (exit status, domid, stderr)."""
         assert self.proc is not None and self.proc.stdin is not None
         with contextlib.suppress(ConnectionError):
+            await self.drain()  # all released checkpoints, the ACKed ones among them
             self.proc.stdin.close()
         err = await self._stderr()
         rc = await self.proc.wait()
@@ -131,26 +143,101 @@ class XenRemusSecondary(RemusSecondary):
         self.xl = XlMigrateReceive(xl_path, timeout=max(30.0, 4 * settings.ack_timeout))
         self.gate = CheckpointGate(Layer.LIBXL)
         self.domid: int | None = None
+        self._to_xl: collections.deque[bytes] = collections.deque()
+        self._xl_wakeup = asyncio.Event()
+        self._xl_closing = False
+        # stream bytes released for xl, and those of them the feeder has begun writing
+        self._queued = self._taken = 0
+        # complete checkpoints not yet ACKed: (seq, digest, _queued at their end)
+        self._unacked: collections.deque[tuple[int, bytes, int]] = collections.deque()
+        self._feeder: asyncio.Task[None] | None = None
+
+    max_backlog = 256 << 20
 
     async def _pump(self) -> None:
-        """Stream -> gate -> xl; ACK each checkpoint once xl has all of it."""
+        """Stream -> gate -> xl; ACK each checkpoint once it is whole here.
+
+        The stream is read on without waiting for xl: released checkpoints
+        queue for :meth:`_feed_xl`. A reader that stopped while xl restores
+        the first checkpoint would stop hearing the primary too (over ``-s``
+        its heartbeats queue behind the stream data, see
+        ``transport/stdio.py``) and fail over in the middle of it.
+        """
         loop = asyncio.get_running_loop()
         digest = hashlib.sha256()
         while True:
             data = await loop.run_in_executor(None, self.stream.recv, 1 << 20)
-            if not data:
-                return  # the primary is gone, or we broke the stream to fail over
+            if not data:  # the primary is gone, or we broke the stream to fail over
+                self.status.reason = self.status.reason or "the primary's stream ended"
+                return
+            if self._feeder is not None and self._feeder.done():
+                self._feeder.result()  # xl stopped reading: why
+                raise XlReceiveError("xl migrate-receive stopped reading its input")
             for event in self.gate.receive_data(data):
                 if isinstance(event, Release):
-                    await self.xl.send(event.data)
+                    self._queue_for_xl(event.data)
                     digest = hashlib.sha256(event.data)
                 elif isinstance(event, CheckpointComplete):
                     digest.update(event.seq.to_bytes(8, "little"))
                     self.status.checkpoints = event.seq
                     self.status.state = "replicating"
-                    self.ctl.send(Ack(event.seq, digest.digest()))
-                    with contextlib.suppress(ConnectionError):
-                        await self.ctl.writer.drain()
+                    self._unacked.append((event.seq, digest.digest(), self._queued))
+                    await self._send_acks()
+
+    def _queue_for_xl(self, data: bytes) -> None:
+        if self._feeder is None:
+            self._feeder = asyncio.create_task(self._feed_xl())
+        self._to_xl.append(data)
+        self._queued += len(data)
+        self._xl_wakeup.set()
+
+    async def _feed_xl(self) -> None:
+        """Write the released checkpoints to xl's stdin, in order, as fast as it reads."""
+        while True:
+            while not self._to_xl:
+                if self._xl_closing:
+                    return
+                self._xl_wakeup.clear()
+                await self._xl_wakeup.wait()
+            data = self._to_xl.popleft()
+            self._taken += len(data)
+            await self._send_acks()  # those the backlog held back, if any
+            await self.xl.send(data)
+
+    async def _send_acks(self) -> None:
+        """ACK the complete checkpoints, unless too much waits for xl already.
+
+        A checkpoint is ACKed when it is whole here, before xl has read it:
+        like the simulated secondary, which ACKs a buffered checkpoint before
+        libxc applies it; a failover writes every released byte to xl before
+        closing its input, so it reaches the ACKed checkpoint. Waiting for xl
+        instead made the first ACK take as long as xl's restore of the whole
+        memory (longer than the ACK timeout for a 96 MiB guest under TCG,
+        and than the default 5 s for a big guest anywhere). A checkpoint
+        with more than ``max_backlog`` bytes of it or before it still
+        waiting for the feeder is ACKed only once xl catches up: the
+        primary's ACK wait then holds it back.
+        """
+        while self._unacked and self._unacked[0][2] - self._taken <= self.max_backlog:
+            seq, digest, _end = self._unacked.popleft()
+            self.ctl.send(Ack(seq, digest))
+            with contextlib.suppress(ConnectionError):
+                await self.ctl.writer.drain()
+
+    async def _flush_xl(self) -> None:
+        """Every released byte to xl (the failover's checkpoint is among them).
+
+        If xl stopped reading, :meth:`XlMigrateReceive.finish` says why.
+        """
+        self._xl_closing = True
+        self._xl_wakeup.set()
+        if self._feeder is not None:
+            with contextlib.suppress(ConnectionError):
+                await self._feeder
+
+    def _stop_feeding(self) -> None:
+        if self._feeder is not None:
+            self._feeder.cancel()
 
     async def run(self) -> DomainInfo:
         peer = await self.ctl.hello(Hello("secondary", {}, ("ack",)), self.settings.ack_timeout)
@@ -186,6 +273,7 @@ class XenRemusSecondary(RemusSecondary):
                 self.xl.kill()
                 raise RuntimeError("nothing to fail over to: no complete checkpoint")
             self.status.state = "failing-over"
+            await self._flush_xl()
             rc, domid, err = await self.xl.finish()
             if rc != 0 or domid is None:
                 raise RuntimeError(f"xl migrate-receive failed over badly (status {rc}): {err}")
@@ -198,3 +286,5 @@ class XenRemusSecondary(RemusSecondary):
         except BaseException:
             self.xl.kill()
             raise
+        finally:
+            self._stop_feeding()
