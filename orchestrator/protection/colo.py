@@ -452,11 +452,13 @@ class ColoSecondary(RemusSecondary):
         self.running = False  # our copy has been started
         self._svm_suspended = False
         self.net: ColoNetSecondary | None = None
+        self._forced = False
 
     def force_failover(self) -> None:
         """As Remus's, and the primary is told at once: it sends no checkpoint while
         its copies agree, so a broken stream alone could go unnoticed there for up
         to ``checkpoint_max_interval``."""
+        self._forced = True  # the primary's SHUTDOWN in answer must not drop our copy
         with contextlib.suppress(Exception):
             self.ctl.send(Failover("failover forced by the administrator on the secondary"))
         super().force_failover()
@@ -600,7 +602,7 @@ class ColoSecondary(RemusSecondary):
         finally:
             watch.cancel()
             dog.cancel()
-        if self.unprotected:  # the primary carries on: our copy must not run too
+        if self.unprotected and not self._forced:  # the primary carries on: ours must not
             self.running = False  # so the handler below destroys it
             self.status.state = "stopped"
             raise_unprotected(self.status.reason)
