@@ -20,6 +20,22 @@ def remusctl(host: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "orchestrator.cli", "--host", str(host), *args]
 
 
+def start_receiver(host: Path, port: int | None = None) -> tuple[subprocess.Popen[str], int]:
+    """`remusctl receive` on ``host`` as a process, once it says it listens."""
+    port = port if port is not None else 30000 + random.randrange(10000)
+    recv = subprocess.Popen(
+        remusctl(host, "receive", "--listen", f"127.0.0.1:{port}"),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert recv.stdout is not None
+    if "receiving on" not in recv.stdout.readline():
+        recv.kill()
+        recv.wait()
+        raise AssertionError(f"remusctl receive on {host} did not start")
+    return recv, port
+
+
 def status(host: Path) -> list[dict[str, object]]:
     r = subprocess.run(
         remusctl(host, "status", "--local", "--json"), capture_output=True, text=True
@@ -45,15 +61,9 @@ def test_protect_status_failover_refusal_and_unprotect(
 ) -> None:
     a, b = hosts
     a.create_domain("web", memory_mib=16)
-    port = 30000 + random.randrange(10000)
-    recv = subprocess.Popen(
-        remusctl(b.host, "receive", "--listen", f"127.0.0.1:{port}"),
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    recv, port = start_receiver(b.host)
     prot = None
     try:
-        assert recv.stdout is not None and "receiving on" in recv.stdout.readline()
         prot = subprocess.Popen(
             remusctl(
                 a.host, "protect", "--foreground", "web", "--to", f"127.0.0.1:{port}", "-i", "50"

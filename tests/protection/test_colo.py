@@ -6,7 +6,6 @@ overwritten (the union), and failover needs no restore."""
 from __future__ import annotations
 
 import asyncio
-import random
 import socket
 import subprocess
 import time
@@ -26,7 +25,7 @@ from orchestrator.streams import libxl
 from orchestrator.streams.libxl import CheckpointState
 
 from ..guestclient import kv as kv_sync
-from .test_cli_remus import remusctl, wait_checkpoints
+from .test_cli_remus import remusctl, start_receiver, wait_checkpoints
 from .test_remus_loop import kv, pair, wait_for
 
 SETTINGS = ColoSettings(
@@ -184,15 +183,9 @@ def test_colo_from_the_cli_primary_killed_secondary_already_serving(
     running all along, serves every key written before the last checkpoint."""
     a, b = hosts
     info = a.create_domain("web", memory_mib=16)
-    port = 30000 + random.randrange(10000)
-    recv = subprocess.Popen(
-        remusctl(b.host, "receive", "--listen", f"127.0.0.1:{port}"),
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    recv, port = start_receiver(b.host)
     prot = None
     try:
-        assert recv.stdout is not None and "receiving on" in recv.stdout.readline()
         prot = subprocess.Popen(
             remusctl(
                 a.host,

@@ -25,7 +25,7 @@ from orchestrator.devices.netbuf_nfqueue import nfqueue_available
 from orchestrator.hypervisors.sim import SimHypervisor, have_netns
 from orchestrator.protection.colo import ColoPrimary, ColoSecondary, ColoSettings
 
-from .test_cli_remus import remusctl
+from .test_cli_remus import remusctl, start_receiver
 from .test_remus_loop import pair, wait_for
 
 pytestmark = pytest.mark.skipif(
@@ -214,15 +214,9 @@ def test_kill_the_primary_at_a_random_moment_no_acknowledged_write_lost(
     lost_total, acked_total, failovers = 0, 0, []
     for run in range(RUNS):
         info = a.create_domain(f"vm{run}", memory_mib=8, nondeterministic=rng.choice([0, 0, 8]))
-        port = 30000 + rng.randrange(20000)
-        recv = subprocess.Popen(
-            remusctl(b.host, "receive", "--listen", f"127.0.0.1:{port}"),
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        recv, port = start_receiver(b.host, 30000 + rng.randrange(20000))
         prot = None
         try:
-            assert recv.stdout is not None and "receiving on" in recv.stdout.readline()
             prot = subprocess.Popen(
                 remusctl(
                     a.host,
