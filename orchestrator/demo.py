@@ -159,7 +159,16 @@ async def run_demo(
         if not _started(status_file):
             prot_log.flush()
             err = (base / "protect.log").read_text(errors="replace")[-600:]
-            raise RuntimeError(f"replication did not start: {err.strip()}")
+            # the secondary's side of it: why it closed the link, if it did
+            with contextlib.suppress(TimeoutError, ProcessLookupError):
+                recv.terminate()
+            peer = b""
+            with contextlib.suppress(TimeoutError):
+                peer = await asyncio.wait_for(recv.stdout.read(), 5)
+            peer_text = peer.decode(errors="replace")[-600:].strip()
+            raise RuntimeError(
+                f"replication did not start: {err.strip()}\nsecondary: {peer_text or '(silent)'}"
+            )
         st = json.loads(status_file.read_text())
         service = st.get("service_address") or info.address
         report.netbuf_device = st.get("netbuf", "")

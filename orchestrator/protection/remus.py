@@ -486,16 +486,27 @@ class RemusSecondary:
         finally:
             self._break_stream()
 
+    def _complete_checkpoints(self) -> int:
+        return self.reader.complete
+
+    def _heartbeat_timeout(self) -> float:
+        # Until a checkpoint is whole here there is nothing to fail over to, so
+        # giving up fast buys nothing and turns one scheduling hiccup on a busy
+        # host (spawning the helper, iptables) into a failed start. A primary
+        # that dies in the initial copy still shows as EOF on both sockets.
+        if self._complete_checkpoints() == 0:
+            return max(self.settings.heartbeat_timeout, self.settings.ack_timeout)
+        return self.settings.heartbeat_timeout
+
     async def _watchdog(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval)
             heard = self.ctl.last_heard
             if self._last_input is not None:
                 heard = max(heard, self._last_input())
-            if time.monotonic() - heard > self.settings.heartbeat_timeout:
-                self.status.reason = (
-                    f"no heartbeat for {self.settings.heartbeat_timeout:g} s: primary lost"
-                )
+            timeout = self._heartbeat_timeout()
+            if time.monotonic() - heard > timeout:
+                self.status.reason = f"no heartbeat for {timeout:g} s: primary lost"
                 self._break_stream()
                 return
 
