@@ -1,4 +1,4 @@
-"""The nested Xen lab as a pytest fixture: one QEMU-booted Xen 4.17 host per session.
+"""The nested Xen lab as a pytest fixture: one QEMU-booted Xen 4.17 host per module.
 
 Marked ``nested``; ``.ci/run`` runs these where the lab can run (root,
 memory, Debian's mirror for the first build) and they skip with the reason
@@ -18,7 +18,10 @@ from lab.runner import Lab, LabError, build, missing
 RESULTS = Path(os.environ.get("REMUS_LAB_RESULTS", "/tmp/remus-lab-results"))
 
 
-@pytest.fixture(scope="session")
+# module scope, not session: an idle TCG guest still eats a core, and the rest
+# of the suite (timing-sensitive Remus and COLO runs among it) should not share
+# the machine with it once the lab's tests are done
+@pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     if os.environ.get("REMUS_LAB") == "0":
         pytest.skip("REMUS_LAB=0: the nested Xen lab was switched off")
