@@ -201,12 +201,23 @@ def main() -> int:
         with protected(a, b, "colo", "colo"):
             colo = summary(latencies(info.address, args.requests))
             row = status(a.host)
-        results["colo_deterministic"] = {**colo, "checkpoints": row.get("checkpoints")}
+        results["colo_deterministic"] = {
+            **colo,
+            "checkpoints": row.get("checkpoints"),
+            "compare_wait_ms_p50": row.get("compare_wait_ms_p50"),
+        }
         print(
             f"COLO deterministic:     p50 {colo['p50_ms']:8.3f} ms  p99 {colo['p99_ms']:8.3f} ms"
             f"  ({colo['p50_ms'] / base['p50_ms']:.2f}x unprotected; checkpoints "
             f"{row.get('checkpoints')}, compared {row.get('compared_packets')}, "
             f"mismatches {row.get('mismatches')})"
+        )
+        # where the extra latency goes: a reply waits in the primary's queue for
+        # the secondary copy's same bytes (input mirrored, its guest run, its
+        # output reported back)
+        print(
+            f"  of which the reply waited for the secondary's output: p50 "
+            f"{row.get('compare_wait_ms_p50')} ms, p99 {row.get('compare_wait_ms_p99')} ms"
         )
 
         print("COLO, nondeterministic share of replies -> checkpoints per minute:")

@@ -42,6 +42,7 @@ ConnKey = tuple[int, int]  # (client port, guest port)
 
 _MOD32: Final = 1 << 32
 _HALF32: Final = 1 << 31
+RECENT_WAITS: Final = 1024  # match waits kept for the medians in status
 
 
 def _offset32(seq: int, isn: int) -> int:
@@ -289,6 +290,9 @@ class OutputComparer:
         self.released_on_match = 0
         self.released_at_checkpoint = 0
         self.dropped_secondary_bytes = 0
+        # how long each packet released on a match waited for the secondary's
+        # bytes: COLO's latency cost over unprotected, per packet
+        self.match_waits: deque[float] = deque(maxlen=RECENT_WAITS)
         # state
         self._conns: OrderedDict[ConnKey, _Conn] = OrderedDict()  # least recently active first
         self._closed: OrderedDict[ConnKey, _Tombstone] = OrderedDict()
@@ -363,7 +367,7 @@ class OutputComparer:
             if seg.payload:
                 lo = max(start, conn.decided)
                 conn.primary.add(lo, seg.payload[lo - start :])
-            self._advance(conn, out, serial)
+            self._advance(conn, out, serial, now)
         # diverged: everything waits for the checkpoint
         self._check_buffer(out)
         return out
@@ -394,7 +398,7 @@ class OutputComparer:
         before = conn.secondary.buffered
         conn.secondary.add(lo, piece)
         self._secondary_bytes += conn.secondary.buffered - before
-        self._advance(conn, out, None)
+        self._advance(conn, out, None, now)
         self._check_buffer(out)
         return out
 
@@ -504,7 +508,7 @@ class OutputComparer:
         self._hold(handle, size, now, None, None)
         self._check_buffer(out)
 
-    def _advance(self, conn: _Conn, out: list[Action], fresh: int | None) -> None:
+    def _advance(self, conn: _Conn, out: list[Action], fresh: int | None, now: float) -> None:
         """Compare what both sides have, then release what is decided, in order."""
         if conn.state is _Compare.COMPARING:
             self._compare(conn, out)
@@ -520,6 +524,7 @@ class OutputComparer:
             del self._held[serial]
             self._held_bytes -= held.size
             out.append(Release(held.handle))
+            self.match_waits.append(now - held.since)
             if serial == fresh:
                 self.released_at_once += 1
             else:

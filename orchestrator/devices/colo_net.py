@@ -62,6 +62,13 @@ PACKET_OUTGOING: Final = 4  # linux/if_packet.h: sent by this host
 MAX_WAITING_REPORTS: Final = 100_000
 
 
+def _percentile_ms(samples: deque[float], q: float) -> float | None:
+    if not samples:
+        return None  # nothing released on a match yet
+    ordered = sorted(samples)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3, 3)
+
+
 def _queue_number(vif: str, base: int) -> int:
     return base + sum(vif.encode()) % 1000
 
@@ -220,6 +227,8 @@ class ColoNetPrimary:
             "oldest_held_ms": round(c.oldest_held_age(now) * 1e3, 3),
             "mirrored_packets": self.mirrored,
             "mirrored_bytes": self.mirrored_bytes,
+            "compare_wait_ms_p50": _percentile_ms(c.match_waits, 0.5),
+            "compare_wait_ms_p99": _percentile_ms(c.match_waits, 0.99),
         }
 
 

@@ -124,6 +124,14 @@ COLO_PRIMARY_FIELDS: Final = {
     "released_at_checkpoint": _figure("Output packets released by a checkpoint"),
     "held_packets": _figure("Output packets held now"),
     "oldest_held_ms": _figure("Age of the oldest held output packet", "number"),
+    "compare_wait_ms_p50": _figure(
+        "How long output released on a match waited for the secondary's, median of the "
+        "recent ones: what COLO adds to a reply's latency",
+        "number",
+    ),
+    "compare_wait_ms_p99": _figure(
+        "The same wait, 99th percentile of the recent ones", "number"
+    ),
     "mirrored_packets": _figure("Client packets mirrored to the secondary copy"),
     "mirrored_bytes": _figure("Client bytes mirrored to the secondary copy"),
 }
@@ -268,6 +276,12 @@ class Service:
         self.m_colo_mirrored = m.counter(
             "remus_colo_mirrored_packets_total",
             "COLO: client packets mirrored to the secondary copy",
+            labels,
+        )
+        m.callback_gauge(
+            "remus_colo_compare_wait_seconds",
+            "COLO: how long output released on a match waited for the secondary's (median)",
+            self._status_values("compare_wait_ms_p50", mode="colo"),
             labels,
         )
         m.callback_gauge(

@@ -369,6 +369,15 @@ def test_matching_output_released_in_order() -> None:
     assert released(c.secondary_output(KEY, 3, b"lo wor", 0.2)) == ["a"]
     assert released(c.secondary_output(KEY, 9, b"ld", 0.2)) == ["b"]
     assert c.held_packets == 0 and c.matched_bytes == 11 and c.released_on_match == 2
+    # each waited from its arrival (0.1) to the secondary bytes that matched it (0.2)
+    assert [round(w, 6) for w in c.match_waits] == [0.1, 0.1]
+
+
+def test_output_the_secondary_sent_first_waits_nothing() -> None:
+    c = compared()
+    assert released(c.secondary_output(KEY, 0, b"hi", 0.5)) == []
+    assert released(c.primary_packet("a", p_pkt(0, b"hi"), 0.7)) == ["a"]
+    assert list(c.match_waits) == [0.0]
 
 
 def test_secondary_ahead_releases_at_once() -> None:

@@ -188,6 +188,8 @@ def test_colo_through_remusd_compares_output_and_unprotects(
     colo = p["colo"]
     assert colo["mismatches"] == 0 and colo["checkpoints_by_divergence"] == 0, colo
     assert colo["mirrored_packets"] > 0 and colo["matched_bytes"] > 0, colo
+    # replies released on a match: how long they waited for the secondary's
+    assert 0 <= colo["compare_wait_ms_p50"] <= colo["compare_wait_ms_p99"], colo
 
     # the secondary learnt COLO from the primary's HELLO, and says so
     with b.api() as c:
@@ -230,6 +232,8 @@ def test_colo_through_remusd_compares_output_and_unprotects(
         "timer",
     }
     assert _samples(text, "remus_colo_held_packets", "vm1")
+    (wait_s,) = _samples(text, "remus_colo_compare_wait_seconds", "vm1").values()
+    assert wait_s == pytest.approx(colo["compare_wait_ms_p50"] / 1e3, abs=0.05)
     state = _samples(text, "remus_replication_state", "vm1")
     assert [v for k, v in state.items() if 'state="replicating"' in k] == [1], state
     (done,) = _samples(text, "remus_checkpoints_total", "vm1").values()
