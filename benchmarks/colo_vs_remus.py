@@ -220,7 +220,11 @@ def main() -> int:
             f"{row.get('compare_wait_ms_p50')} ms, p99 {row.get('compare_wait_ms_p99')} ms"
         )
 
-        print("COLO, nondeterministic share of replies -> checkpoints per minute:")
+        # each copy draws its token on its own, so about 2 replies in N diverge
+        print(
+            "COLO, nondeterministic share of replies -> checkpoints per minute "
+            "(each copy draws its own tokens: about twice the share diverges):"
+        )
         shares = []
         for n in (0, 1000, 100, 20, 5, 2):
             name = f"nd{n}"
