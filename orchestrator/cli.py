@@ -416,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="interval",
         type=float,
         default=200.0,
-        help="checkpoint interval in ms (default 200)",
+        help="checkpoint interval in ms: a checkpoint every MS, the time one takes "
+        "included (default 200)",
     )
     for flag, text in (
         ("-b", "replicate to /dev/null"),
