@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import statistics
 import time
 from collections import deque
 from collections.abc import Callable
@@ -62,11 +63,14 @@ PACKET_OUTGOING: Final = 4  # linux/if_packet.h: sent by this host
 MAX_WAITING_REPORTS: Final = 100_000
 
 
-def _percentile_ms(samples: deque[float], q: float) -> float | None:
-    if not samples:
-        return None  # nothing released on a match yet
-    ordered = sorted(samples)
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3, 3)
+def _wait_figures(waits: deque[float]) -> dict[str, float | None]:
+    if not waits:  # nothing released on a match yet
+        return {"compare_wait_ms_p50": None, "compare_wait_ms_p99": None}
+    ordered = sorted(waits)
+    return {
+        "compare_wait_ms_p50": round(statistics.median(ordered) * 1e3, 3),
+        "compare_wait_ms_p99": round(ordered[int(0.99 * (len(ordered) - 1))] * 1e3, 3),
+    }
 
 
 def _queue_number(vif: str, base: int) -> int:
@@ -227,8 +231,7 @@ class ColoNetPrimary:
             "oldest_held_ms": round(c.oldest_held_age(now) * 1e3, 3),
             "mirrored_packets": self.mirrored,
             "mirrored_bytes": self.mirrored_bytes,
-            "compare_wait_ms_p50": _percentile_ms(c.match_waits, 0.5),
-            "compare_wait_ms_p99": _percentile_ms(c.match_waits, 0.99),
+            **_wait_figures(c.match_waits),
         }
 
 

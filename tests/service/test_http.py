@@ -18,7 +18,6 @@ import socket
 import ssl
 import stat
 import threading
-import time
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -612,9 +611,9 @@ def test_close_ends_streams_and_removes_the_socket(lt: LoopThread, tmp_path: Pat
     lt.run(server.start_unix(path))
     stream = ApiClient(path).events("/v1/events/forever", timeout=5)
     next(stream)
-    started = time.monotonic()
+    # the client never lets go of its stream: a close() that waited for it would
+    # never return (lt.run gives up after its timeout)
     lt.run(server.close())
-    assert time.monotonic() - started < 2
     assert app.stream_closed.is_set()
     assert not path.exists()
     with pytest.raises(ConnectionFailed):
