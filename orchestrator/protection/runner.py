@@ -1,49 +1,43 @@
-"""Running a protection in the foreground (`remusctl protect` / `remusctl receive`).
+"""Running one protection: `remusctl protect --foreground`, `remusctl receive`, remusd's worker.
 
-Until `remusd` owns protections, each side is one process; it publishes its
-status as JSON in ``<host>/remus/<name>.json`` (read by `remusctl status`),
-stops cleanly on SIGTERM (`remusctl unprotect`) and, on the secondary, fails
-over on SIGUSR1 (`remusctl failover`).
+Each side is one process. It publishes its :class:`~.status.ProtectionStatus`
+in ``<state dir>/<name>.json`` (read by `remusctl status` and remusd), stops
+cleanly on SIGTERM (unprotect) and, on the secondary, fails over on SIGUSR1
+(`remusctl failover`). Both modes run through the same :func:`run_primary`;
+what differs is the driver it builds (:mod:`.remus`, :mod:`.colo`) and, for
+Remus, the checkpoint devices.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import json
-import os
 import signal
 import socket
 import statistics
 import threading
-import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from ..devices.base import CheckpointDevice
 from ..devices.disk import DiskReplica, DiskSender
 from ..devices.netbuf_nfqueue import NfqueueNetbuf, nfqueue_available
 from ..devices.netbuf_plug import PlugNetbuf, plug_available
 from ..devices.netbuf_proxy import ProxyNetbuf
-from ..hypervisors.base import Hypervisor
+from ..hypervisors.base import Capability, DomainInfo, Hypervisor
 from ..transport.channels import Listener, connect, parse_addr
-from ..transport.control import Shutdown
+from ..transport.controlio import Control
 from ..transport.stdio import CommandLink, open_command, open_stdio
-from .colo import ColoPrimary, ColoSecondary, ColoSettings, ColoStatus
+from .colo import ColoPrimary, ColoSecondary
 from .fence import FenceGuard, marker_path
-from .remus import (
-    PAUSE_BUCKETS,
-    RECENT,
-    Control,
-    RemusPrimary,
-    RemusSecondary,
-    RemusSettings,
-    RemusStatus,
-)
+from .remus import RemusPrimary, RemusSecondary
+from .session import Primary, ReplicationError, Secondary
+from .spec import Mode, Netbuf, ProtectionSpec
+from .status import ProtectionStatus, Role
 from .xen_receiver import XenRemusSecondary
+
+PUBLISH_EVERY = 0.2  # seconds between status documents
 
 
 def status_path(hv: Hypervisor, name: str, status_dir: Path | None = None) -> Path:
@@ -53,173 +47,156 @@ def status_path(hv: Hypervisor, name: str, status_dir: Path | None = None) -> Pa
     return d / f"{name}.json"
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
-
-def summarize(role: str, name: str, st: RemusStatus, extra: dict[str, Any]) -> dict[str, Any]:
-    pauses, dirty, lags = list(st.pause_seconds), list(st.dirty_pages), list(st.ack_lag_seconds)
-    return {
-        "name": name,
-        "role": role,
-        "pid": os.getpid(),
-        "state": st.state,
-        "checkpoints": st.checkpoints,
-        "last_checkpoint_age": round(time.time() - st.last_checkpoint_at, 3)
-        if st.last_checkpoint_at
-        else None,
-        "pause_ms_p50": round(statistics.median(pauses) * 1e3, 3) if pauses else None,
-        "ack_lag_ms_p50": round(statistics.median(lags) * 1e3, 3) if lags else None,
-        "dirty_pages_p50": statistics.median(dirty) if dirty else None,
-        "dirty_bytes_p50": statistics.median(dirty) * 4096 if dirty else None,
-        "pause_histogram": {
-            "le": list(PAUSE_BUCKETS),
-            "counts": list(st.pause_counts),
-            "sum": st.pause_sum,
-        },
-        "epochs": st.epochs,
-        "late_epochs": st.late_epochs,
-        "reason": st.reason,
-        "updated": time.time(),
-        **extra,
-    }
-
-
-async def _publish(path: Path, make: Any) -> None:
+async def _publish(path: Path, make: Callable[[], ProtectionStatus]) -> None:
     while True:
-        _write_json(path, make())
-        await asyncio.sleep(0.2)
+        make().write(path)
+        await asyncio.sleep(PUBLISH_EVERY)
 
 
-NETBUF_MODES = ("auto", "plug", "nfqueue", "proxy")
-
-
-def add_netbuf_option(parser: Any) -> None:
-    """`--netbuf`, shared by `remusctl protect` and `remusctl demo`."""
-    parser.add_argument(
-        "--netbuf",
-        choices=NETBUF_MODES,
-        default="auto",
-        help="output buffer: a plug qdisc (Xen's way; needs sch_plug) or NFQUEUE on the "
-        "guest's vif (root), or a userspace proxy clients connect through (its address in "
-        "`remusctl status`); auto takes the first that works",
-    )
-
-
-def choose_netbuf(hv: Hypervisor, domid: int, mode: str) -> str:
+def choose_netbuf(hv: Hypervisor, domid: int, mode: Netbuf) -> Netbuf:
     """auto: what Xen uses (plug qdisc) where the kernel has it, else NFQUEUE on the
     guest's vif, else the userspace proxy."""
-    if mode != "auto":
+    if mode is not Netbuf.AUTO:
         return mode
     if hv.vif_name(domid) is not None:
         if plug_available() is None:
-            return "plug"
+            return Netbuf.PLUG
         if nfqueue_available() is None:
-            return "nfqueue"
-    return "proxy"
+            return Netbuf.NFQUEUE
+    return Netbuf.PROXY
+
+
+class _Output:
+    """The Remus primary's output buffer, as chosen, and its figures."""
+
+    def __init__(self, hv: Hypervisor, info: DomainInfo, spec: ProtectionSpec) -> None:
+        self.nfqueue: NfqueueNetbuf | None = None
+        self.proxy: ProxyNetbuf | None = None
+        self.device: CheckpointDevice | None = None
+        if spec.no_netbuf:
+            self.mode = "none"
+            return
+        mode = choose_netbuf(hv, info.domid, spec.netbuf)
+        self.mode = mode.value
+        vif = hv.vif_name(info.domid)
+        if mode in (Netbuf.NFQUEUE, Netbuf.PLUG) and vif is None:
+            raise ReplicationError(f"{mode.value} buffering needs the guest's vif (root only)")
+        if mode is Netbuf.NFQUEUE:
+            assert vif is not None
+            self.nfqueue = NfqueueNetbuf(vif, 1000 + zlib.crc32(vif.encode()) % 60000)
+            self.device = self.nfqueue
+        elif mode is Netbuf.PLUG:
+            assert vif is not None
+            self.device = PlugNetbuf(vif)
+        else:
+            self.proxy = ProxyNetbuf(info.address)
+            self.device = self.proxy
+
+    def fill(self, st: ProtectionStatus) -> None:
+        st.netbuf = self.mode
+        if self.nfqueue is not None:
+            st.held_packets = self.nfqueue.held_packets
+        if self.proxy is not None:
+            # with the proxy, clients must come through it for their output to be held
+            st.service_address, st.held_bytes = self.proxy.address, self.proxy.held_bytes
 
 
 async def run_primary(
     hv: Hypervisor,
-    name: str,
-    to: str,
-    settings: RemusSettings,
-    netbuf: str = "auto",
-    disk: bool = True,
-    blackhole: bool = False,
+    spec: ProtectionSpec,
     status_dir: Path | None = None,
     command: str | None = None,
     fence: bool | None = None,
-) -> RemusStatus:
-    """``command``: the stream and control channels run over that shell command's
-    stdin and stdout (`xl remus -s`), instead of a TCP connection to ``to``.
+) -> ProtectionStatus:
+    """Protect ``spec.name`` to ``spec.peer`` until replication ends; the guest runs on here.
 
-    ``fence`` (default: on Xen): a guard process destroys the domain if this
-    process dies once the secondary holds a checkpoint (:mod:`.fence`).
+    ``command``: the stream and control channels run over that shell command's
+    stdin and stdout (`xl remus -s`), instead of a TCP connection to the peer.
+    ``fence`` (default: where the backend can fence): a guard process destroys
+    the domain if this process dies once the secondary holds a checkpoint
+    (:mod:`.fence`).
     """
-    info = hv.lookup(name)
-    if disk and not blackhole and not hv.supports_disk_replication:
-        raise RuntimeError(
-            f"the {hv.name} backend cannot replicate {name}'s disks (Xen's Remus needs DRBD "
-            "or blktap, which Debian's libxl lacks): protect with -d -F, and put the disks "
-            "on storage both hosts share"
+    info = hv.lookup(spec.name)
+    if spec.replicates_disk and not hv.can(Capability.DISK_REPLICATION):
+        raise ReplicationError(
+            f"the {hv.name} backend cannot replicate {spec.name}'s disks (Xen's Remus needs "
+            "DRBD or blktap, which Debian's libxl lacks): protect with -d -F, and put the "
+            "disks on storage both hosts share"
         )
-    devices: list[CheckpointDevice] = []
-    netdev: NfqueueNetbuf | None = None
-    proxy: ProxyNetbuf | None = None
-    mode = choose_netbuf(hv, info.domid, netbuf)
-    if mode == "nfqueue":
-        vif = hv.vif_name(info.domid)
-        if vif is None:
-            raise RuntimeError("NFQUEUE buffering needs the guest's vif (root only)")
-        netdev = NfqueueNetbuf(vif, 1000 + zlib.crc32(vif.encode()) % 60000)
-        devices.append(netdev)
-    elif mode == "plug":
-        vif = hv.vif_name(info.domid)
-        if vif is None:
-            raise RuntimeError("plug-qdisc buffering needs the guest's vif (root only)")
-        devices.append(PlugNetbuf(vif))
-    elif mode == "proxy":
-        proxy = ProxyNetbuf(info.address)
-        devices.append(proxy)
+    output = _Output(hv, info, spec) if not spec.colo else None
     sink: _Sink | None = None
     ctl: Control | None
     link: CommandLink | None = None
-    if blackhole:
+    if spec.blackhole:
         sink = _Sink()
         stream, ctl = sink.stream, None
     elif command is not None:
         stream, ctl, link = await open_command(command)
     else:
-        stream, ctl = await connect(to, info.uuid)
-    disk_sender: DiskSender | None = None
-    if ctl is not None and disk and hv.disk_of(info.domid).disk_blocks:
-        disk_sender = DiskSender(hv.disk_of(info.domid), ctl.send)
-        devices.append(disk_sender)
-    path = status_path(hv, name, status_dir)
-    guard: FenceGuard | None = None
-    if (hv.name == "xen" if fence is None else fence) and ctl is not None:
-        with contextlib.suppress(FileNotFoundError):
-            marker_path(path.parent, name).unlink()
-        guard = FenceGuard(hv.name, info.domid, info.name, path.parent)
-    primary = RemusPrimary(hv, info, stream, ctl, settings, devices, fence=guard)
+        stream, ctl = await connect(spec.peer, info.uuid)
+    path = status_path(hv, spec.name, status_dir)
+    disk: DiskSender | None = None
+    primary: Primary
+    if spec.colo:
+        if ctl is None:
+            raise ReplicationError("COLO needs a secondary: -b is Remus only")
+        primary = ColoPrimary(hv, info, stream, ctl, spec)
+    else:
+        assert output is not None
+        devices = [output.device] if output.device is not None else []
+        if ctl is not None and spec.replicates_disk and hv.disk_of(info.domid).disk_blocks:
+            disk = DiskSender(hv.disk_of(info.domid), ctl.send)
+            devices.append(disk)
+        guard: FenceGuard | None = None
+        if (hv.can(Capability.FENCE) if fence is None else fence) and ctl is not None:
+            with contextlib.suppress(FileNotFoundError):
+                marker_path(path.parent, spec.name).unlink()
+            guard = FenceGuard(hv.name, info.domid, info.name, path.parent)
+        primary = RemusPrimary(hv, info, stream, ctl, spec, devices, fence=guard)
+    peer = "blackhole (-b)" if spec.blackhole else spec.peer or (command or "")
 
-    def make() -> dict[str, Any]:
-        held = netdev.held_packets if netdev else None
-        extra: dict[str, Any] = {"peer": to, "netbuf": mode, "held_packets": held}
+    def make() -> ProtectionStatus:
+        st = ProtectionStatus(spec.name, Role.PRIMARY, spec.mode, peer=peer)
+        primary.figures.fill(st)
+        if output is not None:
+            output.fill(st)
         if sink is not None:
-            extra.update(peer="blackhole (-b)", stream_bytes=sink.received)
-        if disk_sender is not None:
-            sent = list(disk_sender.stats.blocks_sent)
-            extra["disk_blocks_p50"] = statistics.median(sent) if sent else None
-        extra["disk"] = "replicated" if disk_sender is not None else "not replicated"
-        if proxy is not None:
-            # with the proxy, clients must come through it for their output to be held
-            extra.update(service_address=proxy.address, held_bytes=proxy.held_bytes)
-        return summarize("primary", name, primary.status, extra)
+            st.stream_bytes = sink.received
+        if disk is not None:
+            sent = list(disk.stats.blocks_sent)
+            st.disk_blocks_p50 = statistics.median(sent) if sent else None
+            st.disk = "replicated"
+        if isinstance(primary, ColoPrimary):
+            primary._net_figures()
+            st.colo, st.netbuf = primary.colo, "colo-compare" if primary.net else "none"
+            st.held_packets = primary.held_packets()
+        return st
 
     publisher = asyncio.create_task(_publish(path, make))
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    aborts: list[asyncio.Future[None]] = []
+    run = asyncio.create_task(primary.run())
+    stopper: list[asyncio.Task[None]] = []
+
+    async def stop() -> None:
+        # SIGTERM can come before the helper runs (HELLO, devices being set up),
+        # when aborting the session does nothing: ask again until the run ends
+        while not run.done():
+            await primary.stop()
+            await asyncio.sleep(0.05)
 
     def unprotect() -> None:
-        stopping.set()
-        primary.status.reason = "unprotected"
-        if ctl is not None:
-            with contextlib.suppress(Exception):
-                ctl.send(Shutdown("unprotect"))
-        if primary.session is not None:
-            aborts.append(asyncio.ensure_future(primary.session.abort()))
+        if not stopper:
+            stopper.append(asyncio.create_task(stop()))
 
+    loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, unprotect)
     try:
-        status = await primary.run()
+        await run
     finally:
-        publisher.cancel()
-        _write_json(path, make())
+        loop.remove_signal_handler(signal.SIGTERM)
+        for task in (publisher, *stopper):
+            task.cancel()
+        final = make()
+        final.write(path)
         stream.close()
         if ctl is not None:
             ctl.close()
@@ -227,7 +204,7 @@ async def run_primary(
             sink.close()
         if link is not None:
             link.close()
-    return status
+    return final
 
 
 class _Sink:
@@ -253,164 +230,90 @@ class _Sink:
         self._far.close()
 
 
-async def run_primary_colo(
-    hv: Hypervisor,
-    name: str,
-    to: str,
-    settings: ColoSettings,
-    status_dir: Path | None = None,
-    command: str | None = None,
-) -> ColoStatus:
-    """COLO from this process: both copies run; the secondary takes each checkpoint."""
-    info = hv.lookup(name)
-    link: CommandLink | None = None
-    if command is not None:
-        stream, ctl, link = await open_command(command)
-    else:
-        stream, ctl = await connect(to, info.uuid)
-    primary = ColoPrimary(hv, info, stream, ctl, settings)
-    path = status_path(hv, name, status_dir)
-
-    def make() -> dict[str, Any]:
-        st = primary.status
-        pauses = st.pause_seconds[-RECENT:]
-        return {
-            "name": name,
-            "role": "primary",
-            "mode": "colo",
-            "pid": os.getpid(),
-            "state": st.state,
-            "checkpoints": st.checkpoints,
-            "checkpoints_by_divergence": st.by_divergence,
-            "checkpoints_by_held_output": st.by_held,
-            "checkpoints_by_timer": st.by_timer,
-            "memory_verified": st.memory_verified,
-            **(primary.net.figures() if primary.net is not None else st.net),
-            "pause_ms_p50": round(statistics.median(pauses) * 1e3, 3) if pauses else None,
-            "peer": to,
-            "reason": st.reason,
-            "updated": time.time(),
-        }
-
-    publisher = asyncio.create_task(_publish(path, make))
-    run = asyncio.create_task(primary.run())
-    stoppers: list[asyncio.Task[None]] = []
-
-    async def stop() -> None:
-        # SIGTERM can come before the helper runs (HELLO, the vif's queues being set
-        # up), when aborting the session does nothing: ask again until it runs, and
-        # cancel outright what comes before the session, when no checkpoint can be
-        # half done
-        while not run.done():
-            session = primary.session
-            if session is None:
-                with contextlib.suppress(Exception):
-                    ctl.send(Shutdown("unprotect"))
-                run.cancel()
-                return
-            await session.abort()
-            await asyncio.sleep(0.05)
-
-    def unprotect() -> None:
-        primary.status.reason = primary.status.reason or "unprotected"
-        if not stoppers:
-            stoppers.append(asyncio.create_task(stop()))
-
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, unprotect)
-    try:
-        try:
-            return await run
-        except asyncio.CancelledError:
-            me = asyncio.current_task()
-            if not stoppers or (me is not None and me.cancelling()):
-                raise  # we are cancelled ourselves, not stopped by SIGTERM
-            primary.status.state = "stopped"
-            return primary.status
-    finally:
-        publisher.cancel()
-        _write_json(path, make())
-        stream.close()
-        ctl.close()
-        if link is not None:
-            link.close()
-
-
-async def run_secondary_stdio(hv: Hypervisor, settings: RemusSettings) -> Any:
+async def run_secondary_stdio(hv: Hypervisor, spec: ProtectionSpec) -> DomainInfo:
     """`remusctl receive --stdio`: both channels over our stdin and stdout (``-s``)."""
     stream, ctl, link = await open_stdio()
     try:
-        return await run_secondary_on(hv, stream, ctl, settings, last_input=lambda: link.last_input)
+        return await run_secondary_on(hv, stream, ctl, spec, last_input=lambda: link.last_input)
     finally:
         link.close()
 
 
-async def run_secondary(hv: Hypervisor, listen: str, settings: RemusSettings) -> Any:
+async def run_secondary(hv: Hypervisor, listen: str, spec: ProtectionSpec) -> DomainInfo:
     host, port = parse_addr(listen)
     listener = Listener(host, port)
     await listener.start()
     print(f"receiving on {host}:{listener.port}", flush=True)
     _pid, stream, ctl = await listener.pairs.get()
     listener.close()
-    return await run_secondary_on(hv, stream, ctl, settings)
+    return await run_secondary_on(hv, stream, ctl, spec)
 
 
 async def run_secondary_on(
     hv: Hypervisor,
     stream: socket.socket,
     ctl: Control,
-    settings: RemusSettings,
+    spec: ProtectionSpec,
     status_dir: Path | None = None,
     last_input: Callable[[], float] | None = None,
-) -> Any:
+) -> DomainInfo:
     """The secondary of one protection, on connections someone else accepted.
 
     ``last_input``: when the peer was last heard on any channel, for links
-    (``-s``) where control frames queue behind stream data.
+    (``-s``) where control frames queue behind stream data. The mode comes
+    from the primary's HELLO.
     """
-    secondary: RemusSecondary
-    peer = await ctl.receive_hello(settings.ack_timeout)
-    if "colo" in peer.capabilities:
-        if hv.name == "xen":
-            raise RuntimeError("COLO on Xen is not supported (Xen ships COLO for HVM only)")
-        colo = ColoSettings(
-            **dataclasses.asdict(settings), verify_memory="verify-memory" in peer.capabilities
-        )
-        secondary = ColoSecondary(hv, stream, ctl, colo)
-    elif hv.name == "xen":  # Xen's own restore, fed whole checkpoints
-        secondary = XenRemusSecondary(hv, stream, ctl, settings, last_input=last_input)
+    secondary: Secondary
+    peer = await ctl.receive_hello(spec.ack_timeout_s)
+    mode = Mode.COLO if "colo" in peer.capabilities else Mode.REMUS
+    if mode is Mode.COLO:
+        if not hv.can(Capability.COLO):
+            raise ReplicationError(
+                f"COLO on the {hv.name} backend is not supported (Xen ships COLO for HVM only)"
+            )
+        secondary = ColoSecondary(hv, stream, ctl, spec)
+    elif hv.can(Capability.TOOLSTACK_RESTORE):  # Xen's own restore, fed whole checkpoints
+        secondary = XenRemusSecondary(hv, stream, ctl, spec, last_input=last_input)
     else:
-        secondary = RemusSecondary(
-            hv,
-            stream,
-            ctl,
-            settings,
-            disk_replica=lambda t: DiskReplica(hv.disk_of(t.domid)),
-            last_input=last_input,
-        )
-    name_box: dict[str, str] = {"name": "incoming"}
+        replica = None
+        if hv.can(Capability.DISK_REPLICATION):
 
-    def make() -> dict[str, Any]:
-        extra: dict[str, Any] = {"last_heartbeat_age": round(time.monotonic() - ctl.last_heard, 3)}
+            def replica(t: DomainInfo) -> DiskReplica:
+                return DiskReplica(hv.disk_of(t.domid))
+
+        secondary = RemusSecondary(
+            hv, stream, ctl, spec, disk_replica=replica, last_input=last_input
+        )
+    names = ["incoming"]
+
+    def make() -> ProtectionStatus:
+        st = ProtectionStatus(names[0], Role.SECONDARY, mode)
+        secondary.figures.fill(st)
+        st.last_heartbeat_age_s = round(secondary.link.seconds_since_heard(), 3)
         if isinstance(secondary, ColoSecondary):
-            extra["mode"] = "colo"
-            if secondary.net is not None:
-                extra.update(secondary.net.figures())
-        return summarize("secondary", name_box["name"], secondary.status, extra)
+            secondary._net_figures()
+            st.colo = secondary.colo
+        elif isinstance(secondary, RemusSecondary) and secondary.replica is not None:
+            st.disk = "replicated"
+        return st
 
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGUSR1, secondary.force_failover)
     task = asyncio.create_task(secondary.run())
-    while secondary.target is None and not task.done():
-        await asyncio.sleep(0.01)
-    if secondary.target is None:
-        return await task  # failed before it had a domain: nothing to publish
-    name_box["name"] = secondary.target.name
-    path = status_path(hv, name_box["name"], status_dir)
-    publisher = asyncio.create_task(_publish(path, make))
     try:
-        return await task
+        while secondary.target is None and not task.done():
+            await asyncio.sleep(0.01)
+        if secondary.target is None:
+            return await task  # failed before it had a domain: nothing to publish
+        names[0] = secondary.target.name
+        path = status_path(hv, names[0], status_dir)
+        publisher = asyncio.create_task(_publish(path, make))
+        try:
+            return await task
+        finally:
+            publisher.cancel()
+            make().write(path)
     finally:
-        publisher.cancel()
-        _write_json(path, make())
+        loop.remove_signal_handler(signal.SIGUSR1)
         stream.close()
         ctl.close()

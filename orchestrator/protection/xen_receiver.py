@@ -21,8 +21,8 @@ through a :class:`~orchestrator.streams.gate.CheckpointGate`:
   the last complete checkpoint; with ``-e`` xl unpauses it ("migration
   target: Remus Failover for domain N") and exits.
 
-The heartbeat watch, the forced failover and the control handling are the
-simulated secondary's (:class:`RemusSecondary`); only the restore differs.
+The heartbeat watch, the forced failover and the control handling are every
+secondary's (:class:`~.session.Secondary`); only the restore differs.
 
 Status: the gate is tested on its own (``tests/streams/test_gate.py``); this
 adapter needs a running Xen (xl cannot start without xenstored and privcmd)
@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -46,14 +45,16 @@ from ..hypervisors.base import DomainInfo, Hypervisor
 from ..streams import xl
 from ..streams.errors import Layer, StreamError
 from ..streams.gate import CheckpointComplete, CheckpointGate, Release
-from ..transport.control import Ack, Hello
-from .remus import Control, RemusSecondary, RemusSettings, Unprotected
+from ..transport.control import Hello
+from ..transport.controlio import Control
+from .session import ReplicationError, Secondary, ack_digest
+from .spec import ProtectionSpec
 
 BANNER: Final = b"xl migration receiver ready, send binary domain data.\n"
 _FAILOVER_RE: Final = re.compile(rb"Remus Failover for domain (\d+)")
 
 
-class XlReceiveError(Exception):
+class XlReceiveError(ReplicationError):
     pass
 
 
@@ -126,7 +127,7 @@ class XlMigrateReceive:
             self.proc.kill()
 
 
-class XenRemusSecondary(RemusSecondary):
+class XenRemusSecondary(Secondary):
     """The secondary of one protection on a Xen host (dom0, root)."""
 
     def __init__(
@@ -134,13 +135,13 @@ class XenRemusSecondary(RemusSecondary):
         hv: Hypervisor,
         stream: socket.socket,
         control: Control,
-        settings: RemusSettings,
+        spec: ProtectionSpec,
         xl_path: str | None = None,
         last_input: Callable[[], float] | None = None,
     ) -> None:
-        super().__init__(hv, stream, control, settings, last_input=last_input)
+        super().__init__(hv, stream, control, spec, last_input=last_input)
         # xl's restore of a big first checkpoint takes a while under TCG: no hurry
-        self.xl = XlMigrateReceive(xl_path, timeout=max(30.0, 4 * settings.ack_timeout))
+        self.xl = XlMigrateReceive(xl_path, timeout=max(30.0, 4 * spec.ack_timeout_s))
         self.gate = CheckpointGate(Layer.LIBXL)
         self.domid: int | None = None
         self._to_xl: collections.deque[bytes] = collections.deque()
@@ -148,14 +149,63 @@ class XenRemusSecondary(RemusSecondary):
         self._xl_closing = False
         # stream bytes released for xl, and those of them the feeder has begun writing
         self._queued = self._taken = 0
-        # complete checkpoints not yet ACKed: (seq, digest, _queued at their end)
-        self._unacked: collections.deque[tuple[int, bytes, int]] = collections.deque()
+        # complete checkpoints not yet ACKed: (seq, _queued at their end)
+        self._unacked: collections.deque[tuple[int, int]] = collections.deque()
         self._feeder: asyncio.Task[None] | None = None
+        self._dropped = 0
 
     max_backlog = 256 << 20
 
-    def _complete_checkpoints(self) -> int:
+    def capabilities(self) -> tuple[str, ...]:
+        return ("ack",)
+
+    def complete_checkpoints(self) -> int:
         return self.gate.seq
+
+    async def _open(self, peer: Hello) -> DomainInfo:
+        c_info = peer.config.get("c_info", {})
+        # what is coming: xl names it NAME--incoming until the failover
+        target = DomainInfo(
+            domid=-1,
+            name=str(c_info.get("name", "incoming")),
+            uuid=str(c_info.get("uuid", peer.protection)),
+            domain_type=str(c_info.get("type", "pv")),
+            memory_bytes=int(peer.config.get("b_info", {}).get("max_memkb", 0)) * 1024,
+            state="incoming",
+            config=peer.config,
+        )
+        await self.xl.start()
+        try:
+            await self.xl.send(xl.SavefileHeader(json.dumps(peer.config).encode()).encode())
+        except BaseException:
+            self.xl.kill()
+            raise
+        return target
+
+    async def _restore(self) -> None:
+        self.start_link()
+        try:
+            await self._pump()
+        except (OSError, StreamError) as exc:  # a malformed stream: the error says where
+            self.figures.fail(f"stream: {exc}")
+        self._dropped = self.gate.end_of_stream()
+
+    async def _drop(self) -> None:
+        self.xl.kill()
+        self._stop_feeding()
+
+    async def _take_over(self) -> DomainInfo:
+        try:
+            await self._flush_xl()
+            rc, domid, err = await self.xl.finish()
+            if rc != 0 or domid is None:
+                raise XlReceiveError(f"xl migrate-receive failed over badly (status {rc}): {err}")
+        finally:
+            self._stop_feeding()
+        self.domid = domid
+        if self._dropped:
+            self.figures.reason += f" ({self._dropped} bytes of an incomplete checkpoint dropped)"
+        return self.hv.lookup(domid)
 
     async def _pump(self) -> None:
         """Stream -> gate -> xl; ACK each checkpoint once it is whole here.
@@ -167,11 +217,10 @@ class XenRemusSecondary(RemusSecondary):
         ``transport/stdio.py``) and fail over in the middle of it.
         """
         loop = asyncio.get_running_loop()
-        digest = hashlib.sha256()
         while True:
             data = await loop.run_in_executor(None, self.stream.recv, 1 << 20)
             if not data:  # the primary is gone, or we broke the stream to fail over
-                self.status.reason = self.status.reason or "the primary's stream ended"
+                self.figures.fail("the primary's stream ended")
                 return
             if self._feeder is not None and self._feeder.done():
                 self._feeder.result()  # xl stopped reading: why
@@ -179,12 +228,9 @@ class XenRemusSecondary(RemusSecondary):
             for event in self.gate.receive_data(data):
                 if isinstance(event, Release):
                     self._queue_for_xl(event.data)
-                    digest = hashlib.sha256(event.data)
                 elif isinstance(event, CheckpointComplete):
-                    digest.update(event.seq.to_bytes(8, "little"))
-                    self.status.checkpoints = event.seq
-                    self.status.state = "replicating"
-                    self._unacked.append((event.seq, digest.digest(), self._queued))
+                    self.figures.checkpoint_done(event.seq)
+                    self._unacked.append((event.seq, self._queued))
                     await self._send_acks()
 
     def _queue_for_xl(self, data: bytes) -> None:
@@ -219,13 +265,12 @@ class XenRemusSecondary(RemusSecondary):
         and than the default 5 s for a big guest anywhere). A checkpoint
         with more than ``max_backlog`` bytes of it or before it still
         waiting for the feeder is ACKed only once xl catches up: the
-        primary's ACK wait then holds it back.
+        primary's ACK wait then holds it back. No disk is replicated on Xen,
+        so the digest covers the sequence number alone.
         """
-        while self._unacked and self._unacked[0][2] - self._taken <= self.max_backlog:
-            seq, digest, _end = self._unacked.popleft()
-            self.ctl.send(Ack(seq, digest))
-            with contextlib.suppress(ConnectionError):
-                await self.ctl.writer.drain()
+        while self._unacked and self._unacked[0][1] - self._taken <= self.max_backlog:
+            seq, _end = self._unacked.popleft()
+            await self.link.ack(seq, ack_digest(seq, None))
 
     async def _flush_xl(self) -> None:
         """Every released byte to xl (the failover's checkpoint is among them).
@@ -241,53 +286,3 @@ class XenRemusSecondary(RemusSecondary):
     def _stop_feeding(self) -> None:
         if self._feeder is not None:
             self._feeder.cancel()
-
-    async def run(self) -> DomainInfo:
-        peer = await self.ctl.hello(Hello("secondary", {}, ("ack",)), self.settings.ack_timeout)
-        c_info = peer.config.get("c_info", {})
-        # what is coming: xl names it NAME--incoming until the failover
-        self.target = DomainInfo(
-            domid=-1,
-            name=str(c_info.get("name", "incoming")),
-            uuid=str(c_info.get("uuid", peer.protection)),
-            domain_type=str(c_info.get("type", "pv")),
-            memory_bytes=int(peer.config.get("b_info", {}).get("max_memkb", 0)) * 1024,
-            state="incoming",
-            config=peer.config,
-        )
-        await self.xl.start()
-        try:
-            await self.xl.send(xl.SavefileHeader(json.dumps(peer.config).encode()).encode())
-            watch = asyncio.create_task(self._watch_heartbeats())
-            dog = asyncio.create_task(self._watchdog())
-            try:
-                await self._pump()
-            except (OSError, StreamError) as exc:  # a malformed stream: the error says where
-                self.status.reason = self.status.reason or f"stream: {exc}"
-            finally:
-                watch.cancel()
-                dog.cancel()
-            dropped = self.gate.end_of_stream()
-            if self.unprotected:
-                self.xl.kill()
-                self.status.state = "stopped"
-                raise Unprotected(self.status.reason)
-            if self.gate.seq == 0:
-                self.xl.kill()
-                raise RuntimeError("nothing to fail over to: no complete checkpoint")
-            self.status.state = "failing-over"
-            await self._flush_xl()
-            rc, domid, err = await self.xl.finish()
-            if rc != 0 or domid is None:
-                raise RuntimeError(f"xl migrate-receive failed over badly (status {rc}): {err}")
-            self.domid = domid
-            self.status.state = "failed-over"
-            if dropped:
-                self.status.reason += f" ({dropped} bytes of an incomplete checkpoint dropped)"
-            self.target = self.hv.lookup(domid)
-            return self.target
-        except BaseException:
-            self.xl.kill()
-            raise
-        finally:
-            self._stop_feeding()

@@ -6,12 +6,15 @@ learns from it that a checkpoint arrived whole (ACK, with a digest of the
 bytes received), which is what lets it release that epoch's output; both
 sides learn that the other is alive (HEARTBEAT).
 
-Bodies: HELLO and STATS are JSON (rare, and worth being readable in a
-capture); the frequent ones are fixed binary. Everything that decides what
-may come when is in ``TRANSITIONS``; a frame with no row there, a frame that
-does not parse, or a HELLO of another protocol version is a
-:class:`ControlError` that names the offset and the frame, and the
-connection is closed: nothing after it is processed.
+Bodies: HELLO is JSON (rare, and worth being readable in a capture); the
+frequent ones are fixed binary. Everything that decides what may come when
+is in this file, for both sides: ``TRANSITIONS[role][state][frame]`` for
+what a side receives, ``SENDS[role]`` for what it may send, and the
+sequence rules (an ACK only for the checkpoint in flight, a checkpoint's
+DISK frames before it is acknowledged) in :class:`ControlConnection`. A
+frame with no row, a frame that does not parse, or a HELLO of another
+protocol version is a :class:`ControlError` that names the offset and the
+frame, and the connection is closed: nothing after it is processed.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ class FrameType(IntEnum):
     HEARTBEAT = 3
     FAILOVER = 4
     SHUTDOWN = 5
-    STATS = 6
+    # 6 was STATS, never sent: the number stays unused
     DISK = 7
     # COLO's network half (``devices/colo_net.py``)
     MIRROR = 8  # primary -> secondary: a copy of a packet the client sent the guest
@@ -73,11 +76,6 @@ class Failover:
 @dataclass(frozen=True)
 class Shutdown:
     reason: str
-
-
-@dataclass(frozen=True)
-class Stats:
-    values: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -142,7 +140,6 @@ Event = (
     | Heartbeat
     | Failover
     | Shutdown
-    | Stats
     | DiskWrites
     | Mirror
     | ConnInfo
@@ -161,61 +158,52 @@ _NETSYNC_END: Final = struct.Struct("<HHI")
 DISK_FRAME_BLOCKS: Final = 64  # 256 KiB of 4 KiB blocks: well under MAX_BODY
 
 
+def _encode_hello(e: Hello) -> bytes:
+    return json.dumps(
+        {
+            "version": e.version,
+            "protection": e.protection,
+            "config": e.config,
+            "capabilities": list(e.capabilities),
+        }
+    ).encode()
+
+
+def _encode_disk(e: DiskWrites) -> bytes:
+    numbers = struct.pack(f"<{len(e.blocks)}Q", *(b for b, _ in e.blocks))
+    head = _DISK.pack(e.seq, e.total_blocks, e.block_size, len(e.blocks), int(e.last))
+    return b"".join((head, numbers, *(data for _, data in e.blocks)))
+
+
+def _encode_netsync(e: NetSync) -> bytes:
+    ends = b"".join(_NETSYNC_END.pack(*end) for end in e.ends)
+    return _NETSYNC.pack(e.seq, len(e.ends)) + ends
+
+
+# event type -> (frame type, body encoder)
+_ENCODERS: Final[dict[type, tuple[FrameType, Any]]] = {
+    Hello: (FrameType.HELLO, _encode_hello),
+    Ack: (FrameType.ACK, lambda e: _ACK.pack(e.seq, e.digest)),
+    Heartbeat: (FrameType.HEARTBEAT, lambda e: _HEARTBEAT.pack(e.seq, e.sent_ns)),
+    Failover: (FrameType.FAILOVER, lambda e: e.reason.encode()),
+    Shutdown: (FrameType.SHUTDOWN, lambda e: e.reason.encode()),
+    DiskWrites: (FrameType.DISK, _encode_disk),
+    Mirror: (FrameType.MIRROR, lambda e: e.packet),
+    ConnInfo: (
+        FrameType.CONN,
+        lambda e: _CONN.pack(e.client_port, e.guest_port, e.isn, e.tsval),
+    ),
+    SvmOutput: (
+        FrameType.SVM_OUTPUT,
+        lambda e: _SVM_OUTPUT.pack(e.client_port, e.guest_port, e.epoch, e.offset) + e.payload,
+    ),
+    NetSync: (FrameType.NETSYNC, _encode_netsync),
+}
+
+
 def encode_event(event: Event) -> bytes:
-    if isinstance(event, Hello):
-        ftype, body = (
-            FrameType.HELLO,
-            json.dumps(
-                {
-                    "version": event.version,
-                    "protection": event.protection,
-                    "config": event.config,
-                    "capabilities": list(event.capabilities),
-                }
-            ).encode(),
-        )
-    elif isinstance(event, Ack):
-        ftype, body = FrameType.ACK, _ACK.pack(event.seq, event.digest)
-    elif isinstance(event, Heartbeat):
-        ftype, body = FrameType.HEARTBEAT, _HEARTBEAT.pack(event.seq, event.sent_ns)
-    elif isinstance(event, Failover):
-        ftype, body = FrameType.FAILOVER, event.reason.encode()
-    elif isinstance(event, Shutdown):
-        ftype, body = FrameType.SHUTDOWN, event.reason.encode()
-    elif isinstance(event, DiskWrites):
-        ftype = FrameType.DISK
-        numbers = struct.pack(f"<{len(event.blocks)}Q", *(b for b, _ in event.blocks))
-        body = b"".join(
-            (
-                _DISK.pack(
-                    event.seq,
-                    event.total_blocks,
-                    event.block_size,
-                    len(event.blocks),
-                    int(event.last),
-                ),
-                numbers,
-                *(data for _, data in event.blocks),
-            )
-        )
-    elif isinstance(event, Mirror):
-        ftype, body = FrameType.MIRROR, event.packet
-    elif isinstance(event, ConnInfo):
-        ftype = FrameType.CONN
-        body = _CONN.pack(event.client_port, event.guest_port, event.isn, event.tsval)
-    elif isinstance(event, SvmOutput):
-        ftype = FrameType.SVM_OUTPUT
-        body = (
-            _SVM_OUTPUT.pack(event.client_port, event.guest_port, event.epoch, event.offset)
-            + event.payload
-        )
-    elif isinstance(event, NetSync):
-        ftype = FrameType.NETSYNC
-        body = _NETSYNC.pack(event.seq, len(event.ends)) + b"".join(
-            _NETSYNC_END.pack(*end) for end in event.ends
-        )
-    else:
-        ftype, body = FrameType.STATS, json.dumps(event.values).encode()
+    ftype, encode = _ENCODERS[type(event)]
+    body: bytes = encode(event)
     return RECORD_HEADER.pack(ftype, len(body)) + body + padding_for(len(body))
 
 
@@ -249,11 +237,6 @@ def _decode(ftype: int, body: bytes) -> Event:
         return Failover(body.decode())
     if ftype == FrameType.SHUTDOWN:
         return Shutdown(body.decode())
-    if ftype == FrameType.STATS:
-        values = json.loads(body)
-        if not isinstance(values, dict):
-            raise ValueError("STATS is not an object")
-        return Stats(values)
     if ftype == FrameType.DISK:
         return _decode_disk(body)
     if ftype == FrameType.MIRROR:
@@ -302,42 +285,118 @@ def _decode_disk(body: bytes) -> DiskWrites:
     return DiskWrites(seq, total, blocks, bool(flags & 1), bsize)
 
 
+class Role(Enum):
+    PRIMARY = "primary"  # runs the guest, sends checkpoints, waits for their ACKs
+    SECONDARY = "secondary"  # receives checkpoints, ACKs them, takes over
+
+
 class State(Enum):
     AWAIT_HELLO = "await-hello"
     ESTABLISHED = "established"
+    # primary only: CHECKPOINT_END of checkpoint ``in_flight`` is written, its ACK
+    # (Remus) or LOADED (COLO) not yet in
+    IN_FLIGHT = "checkpoint-in-flight"
     CLOSED = "closed"
 
 
-# (state, frame received) -> next state. Our own HELLO is sent first by both
-# sides; the peer's HELLO moves us to ESTABLISHED.
-TRANSITIONS: Final[dict[tuple[State, type], State]] = {
-    (State.AWAIT_HELLO, Hello): State.ESTABLISHED,
-    (State.ESTABLISHED, Ack): State.ESTABLISHED,
-    (State.ESTABLISHED, Heartbeat): State.ESTABLISHED,
-    (State.ESTABLISHED, Stats): State.ESTABLISHED,
-    (State.ESTABLISHED, DiskWrites): State.ESTABLISHED,
-    (State.ESTABLISHED, Failover): State.ESTABLISHED,
-    (State.ESTABLISHED, Mirror): State.ESTABLISHED,
-    (State.ESTABLISHED, ConnInfo): State.ESTABLISHED,
-    (State.ESTABLISHED, SvmOutput): State.ESTABLISHED,
-    (State.ESTABLISHED, NetSync): State.ESTABLISHED,
-    (State.ESTABLISHED, Shutdown): State.CLOSED,
+def _staying(state: State, frames: tuple[type, ...]) -> dict[type, State]:
+    return dict.fromkeys(frames, state)
+
+
+# proof of life, and COLO's secondary output: any time once established
+_PRIMARY_ANY_TIME: Final = (Heartbeat, SvmOutput)
+_PRIMARY_ENDS: Final[dict[type, State]] = {
+    Failover: State.CLOSED,  # the secondary took over (forced): we must stop
+    Shutdown: State.CLOSED,
+}
+
+# What each side may receive, by state: frame type -> next state. Our own HELLO
+# is sent first by both sides; the peer's HELLO moves us to ESTABLISHED.
+TRANSITIONS: Final[dict[Role, dict[State, dict[type, State]]]] = {
+    Role.PRIMARY: {
+        State.AWAIT_HELLO: {Hello: State.ESTABLISHED},
+        State.ESTABLISHED: {**_staying(State.ESTABLISHED, _PRIMARY_ANY_TIME), **_PRIMARY_ENDS},
+        State.IN_FLIGHT: {
+            **_staying(State.IN_FLIGHT, _PRIMARY_ANY_TIME),
+            **_PRIMARY_ENDS,
+            Ack: State.ESTABLISHED,  # for the checkpoint in flight only (see next_event)
+        },
+        State.CLOSED: {},
+    },
+    Role.SECONDARY: {
+        State.AWAIT_HELLO: {Hello: State.ESTABLISHED},
+        State.ESTABLISHED: {
+            **_staying(State.ESTABLISHED, (Heartbeat, DiskWrites, Mirror, ConnInfo, NetSync)),
+            Shutdown: State.CLOSED,  # the primary ended replication: drop the copy
+        },
+        State.IN_FLIGHT: {},  # not a secondary's state
+        State.CLOSED: {},
+    },
+}
+
+# What each side may send (its peer's table is the check that matters; this one
+# catches our own bugs before they reach the wire).
+SENDS: Final[dict[Role, frozenset[type]]] = {
+    Role.PRIMARY: frozenset({Hello, Heartbeat, DiskWrites, Mirror, ConnInfo, NetSync, Shutdown}),
+    Role.SECONDARY: frozenset({Hello, Heartbeat, Ack, SvmOutput, Failover}),
 }
 
 
 class ControlConnection:
-    """One end of a control connection: bytes in, events out; events in, bytes out."""
+    """One end of a control connection: bytes in, events out; events in, bytes out.
 
-    def __init__(self, version: int = PROTOCOL_VERSION) -> None:
+    The primary tells the codec when a checkpoint's CHECKPOINT_END went out on
+    the stream (:meth:`checkpoint_sent`), since that record does not pass
+    through here; the ACK rules follow from it.
+    """
+
+    def __init__(self, role: Role = Role.PRIMARY, version: int = PROTOCOL_VERSION) -> None:
+        self.role = role
         self.version = version
         self.state = State.AWAIT_HELLO
         self.peer: Hello | None = None
+        self.in_flight = 0  # primary: the checkpoint whose ACK we wait for
+        self.sent_seq = 0  # primary: the last checkpoint sent
+        self.acked = 0  # the last checkpoint ACKed (sent by a secondary, received by a primary)
         self._buf = bytearray()
         self._offset = 0  # stream offset of _buf[0]
 
+    def set_role(self, role: Role) -> None:
+        if self.state is not State.AWAIT_HELLO:
+            raise ControlError(self._offset, "role", "fixed once the connection is established")
+        self.role = role
+
+    def checkpoint_sent(self, seq: int) -> None:
+        """Primary: checkpoint ``seq`` is written; its ACK may come now, and only its."""
+        if self.role is not Role.PRIMARY or self.state is not State.ESTABLISHED:
+            raise ControlError(
+                self._offset,
+                f"checkpoint {seq}",
+                f"sent in state {self.state.value} as the {self.role.value}",
+            )
+        if seq != self.sent_seq + 1:
+            raise ControlError(
+                self._offset, f"checkpoint {seq}", f"out of order after {self.sent_seq}"
+            )
+        self.sent_seq = self.in_flight = seq
+        self.state = State.IN_FLIGHT
+
     def send(self, event: Event) -> bytes:
+        what = type(event).__name__
         if self.state is State.CLOSED:
-            raise ControlError(self._offset, type(event).__name__, "connection is closed")
+            raise ControlError(self._offset, what, "connection is closed")
+        if type(event) not in SENDS[self.role]:
+            raise ControlError(self._offset, what, f"the {self.role.value} does not send it")
+        if isinstance(event, Ack):  # a secondary ACKs each checkpoint once, in order
+            if event.seq <= self.acked:
+                raise ControlError(
+                    self._offset, what, f"checkpoint {event.seq} after {self.acked} was ACKed"
+                )
+            self.acked = event.seq
+        elif isinstance(event, DiskWrites) and event.seq <= self.sent_seq:
+            raise ControlError(
+                self._offset, what, f"blocks of checkpoint {event.seq} after its CHECKPOINT_END"
+            )
         return encode_event(event)
 
     def receive_data(self, data: bytes) -> None:
@@ -363,9 +422,9 @@ class ControlConnection:
             event = _decode(ftype, body)
         except (ValueError, UnicodeDecodeError) as exc:
             self._fail(name, str(exc))
-        nxt = TRANSITIONS.get((self.state, type(event)))
+        nxt = TRANSITIONS[self.role][self.state].get(type(event))
         if nxt is None:
-            self._fail(name, f"not allowed in state {self.state.value}")
+            self._fail(name, f"not allowed in state {self.state.value} of the {self.role.value}")
         if isinstance(event, Hello):
             if event.version != self.version:
                 self._fail(
@@ -374,6 +433,12 @@ class ControlConnection:
                     f"{self.version}",
                 )
             self.peer = event
+        elif isinstance(event, Ack):
+            if event.seq != self.in_flight:
+                self._fail(name, f"for checkpoint {event.seq}, {self.in_flight} is in flight")
+            self.acked, self.in_flight = event.seq, 0
+        elif isinstance(event, DiskWrites) and event.seq <= self.acked:
+            self._fail(name, f"blocks of checkpoint {event.seq}, which was already ACKed")
         del self._buf[:total]
         self._offset += total
         self.state = nxt

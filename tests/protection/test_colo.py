@@ -16,11 +16,10 @@ from orchestrator.hypervisors.sim import SimHypervisor
 from orchestrator.protection.colo import (
     ColoPrimary,
     ColoSecondary,
-    ColoSettings,
-    memory_digest,
     write_checkpoint_state,
 )
 from orchestrator.protection.colo_protocol import Reason
+from orchestrator.protection.spec import Mode, ProtectionSpec
 from orchestrator.streams import libxl
 from orchestrator.streams.libxl import CheckpointState
 
@@ -28,12 +27,14 @@ from ..guestclient import kv as kv_sync
 from .test_cli_remus import remusctl, start_receiver, wait_checkpoints
 from .test_remus_loop import kv, pair, wait_for
 
-SETTINGS = ColoSettings(
-    interval=0.05,
-    ack_timeout=5.0,
-    heartbeat_interval=0.02,
-    heartbeat_timeout=0.5,
-    checkpoint_max_interval=0.2,
+SETTINGS = ProtectionSpec(
+    "web",
+    mode=Mode.COLO,
+    interval_ms=50,
+    ack_timeout_ms=5000,
+    heartbeat_interval_ms=20,
+    heartbeat_timeout_ms=500,
+    checkpoint_max_interval_ms=200,
     verify_memory=True,
 )
 
@@ -51,7 +52,7 @@ def test_memories_equal_at_every_checkpoint_and_failover_without_restore(
         secondary = ColoSecondary(b, s_s, c_s, SETTINGS, name="web")
         p_task = asyncio.create_task(primary.run())
         s_task = asyncio.create_task(secondary.run())
-        await wait_for(lambda: primary.status.checkpoints >= 2)
+        await wait_for(lambda: primary.figures.checkpoints >= 2)
         assert secondary.running, "the secondary copy runs after the first checkpoint"
         await wait_for(lambda: b.lookup("web").state == "running")  # between checkpoints
         svm = b.lookup("web")
@@ -64,12 +65,12 @@ def test_memories_equal_at_every_checkpoint_and_failover_without_restore(
         sdom.dirty[page] = 1
         for i in range(20):
             assert await kv(info.address, [f"PUT k{i} v{i}".encode()]) == [b"OK"]
-        before = primary.status.checkpoints
+        before = primary.figures.checkpoints
         primary.request_checkpoint(Reason.DIVERGENCE)
-        await wait_for(lambda: primary.status.checkpoints >= before + 3)
-        st = primary.status
-        assert st.memory_verified == st.checkpoints, "a checkpoint whose memories differed"
-        assert st.by_divergence >= 1 and st.by_timer >= 1
+        await wait_for(lambda: primary.figures.checkpoints >= before + 3)
+        st, colo = primary.figures, primary.colo
+        assert colo.memory_verified == st.checkpoints, "a checkpoint whose memories differed"
+        assert (colo.checkpoints_by_divergence or 0) >= 1 and (colo.checkpoints_by_timer or 0) >= 1
         assert bytes(sdom.memory[page * 4096 : page * 4096 + 8]) != b"SVM-ONLY"
         # the primary dies: the secondary is already running, so failover is quick
         p_task.cancel()
@@ -80,7 +81,7 @@ def test_memories_equal_at_every_checkpoint_and_failover_without_restore(
         out = await asyncio.wait_for(s_task, 10)
         took = asyncio.get_running_loop().time() - t0
         assert out.name == "web" and out.state == "running"
-        assert secondary.status.state == "failed-over"
+        assert secondary.figures.state == "failed-over"
         for i in (0, 19):
             assert await kv(out.address, [f"GET k{i}".encode()]) == [f"VALUE v{i}".encode()]
         print(f"\nCOLO: {st.checkpoints} checkpoints, memories equal; failover {took * 1e3:.0f} ms")
@@ -88,17 +89,19 @@ def test_memories_equal_at_every_checkpoint_and_failover_without_restore(
         c_s.writer.close()
         # the secondary's memory matched the primary's at the last checkpoint; now
         # the two run apart, so only check the digest is computable
-        assert len(memory_digest(b, out.domid)) == 32
+        assert len(b.memory_digest(out.domid)) == 32
 
     asyncio.run(go())
 
 
-FAST_FAIL = ColoSettings(
-    interval=0.05,
-    ack_timeout=1.0,
-    heartbeat_interval=0.02,
-    heartbeat_timeout=0.5,
-    checkpoint_max_interval=0.2,
+FAST_FAIL = ProtectionSpec(
+    "web",
+    mode=Mode.COLO,
+    interval_ms=50,
+    ack_timeout_ms=1000,
+    heartbeat_interval_ms=20,
+    heartbeat_timeout_ms=500,
+    checkpoint_max_interval_ms=200,
 )
 
 

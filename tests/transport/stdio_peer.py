@@ -4,8 +4,8 @@ Run by the primary's :func:`open_command` as ``sh -c "<python> stdio_peer.py MOD
 Every mode answers the primary's HELLO, then:
 
 - ``echo``: reads the stream socket to its end and sends ``Ack(1, sha256)`` of
-  it (with ``Stats`` of the byte count first), echoes every HEARTBEAT; when the
-  primary's control ends, sends ``Stats({"control_eof": ...})`` and exits.
+  it (with a ``report`` of the byte count first), echoes every HEARTBEAT; when the
+  primary's control ends, sends ``report(control_eof=True)`` and exits.
 - ``failover``: reads 1 MiB of the stream, then ``stream.shutdown(SHUT_RDWR)``
   as the secondary does to fail over, and echoes HEARTBEATs as above.
 - ``rogue``: writes a channel-1 frame to the primary, which it must reject.
@@ -18,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import os
 import socket
 import sys
 
-from orchestrator.protection.remus import Control
-from orchestrator.transport.control import Ack, Heartbeat, Hello, Stats
+from orchestrator.transport.control import Ack, Heartbeat, Hello, Role, SvmOutput
+from orchestrator.transport.controlio import Control
 from orchestrator.transport.stdio import STREAM, encode, open_stdio
 
 
@@ -38,6 +39,11 @@ def _digest(stream: socket.socket, limit: int | None) -> tuple[int, bytes]:
     return total, h.digest()
 
 
+def report(**values: object) -> SvmOutput:
+    """A note to the test, in a frame a secondary may send at any time (its payload JSON)."""
+    return SvmOutput(0, 0, 0, 0, json.dumps(values, sort_keys=True).encode())
+
+
 async def _echo(ctl: Control) -> None:
     """Echo HEARTBEATs until the primary's control ends; then say so and close."""
     try:
@@ -47,13 +53,14 @@ async def _echo(ctl: Control) -> None:
                 ctl.send(Heartbeat(event.seq, event.sent_ns))
     except ConnectionError:
         with contextlib.suppress(ConnectionError):
-            ctl.send(Stats({"control_eof": True}))
+            ctl.send(report(control_eof=True))
             await ctl.writer.drain()
         ctl.close()
 
 
 async def main(mode: str) -> None:
     stream, ctl, link = await open_stdio()
+    ctl.set_role(Role.SECONDARY)
     print("stray output that must not reach the primary", flush=True)
     os.system("echo stray output from a child process")
     await ctl.hello(Hello("secondary", {}, ("ack",)), 10)
@@ -65,12 +72,12 @@ async def main(mode: str) -> None:
     echo = asyncio.create_task(_echo(ctl))
     if mode == "echo":
         total, digest = await asyncio.to_thread(_digest, stream, None)
-        ctl.send(Stats({"stream_bytes": total}))
+        ctl.send(report(stream_bytes=total))
         ctl.send(Ack(1, digest))
     elif mode == "failover":
         total, _ = await asyncio.to_thread(_digest, stream, 1 << 20)
         stream.shutdown(socket.SHUT_RDWR)
-        ctl.send(Stats({"failed_over_after": total}))
+        ctl.send(report(failed_over_after=total))
     with contextlib.suppress(ConnectionError):  # the primary may be gone already
         await ctl.writer.drain()
     await echo

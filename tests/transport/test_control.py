@@ -14,14 +14,15 @@ from orchestrator.transport.control import (
     ConnInfo,
     ControlConnection,
     ControlError,
+    DiskWrites,
     Failover,
     Heartbeat,
     Hello,
     Mirror,
     NetSync,
+    Role,
     Shutdown,
     State,
-    Stats,
     SvmOutput,
     encode_event,
 )
@@ -29,8 +30,8 @@ from orchestrator.transport.control import (
 HELLO = Hello("web@hostA", {"c_info": {"name": "web"}}, ("ack-digest", "netbuf-nfqueue"))
 
 
-def established() -> ControlConnection:
-    c = ControlConnection()
+def established(role: Role = Role.SECONDARY) -> ControlConnection:
+    c = ControlConnection(role)
     c.receive_data(encode_event(HELLO))
     assert c.next_event() == HELLO
     return c
@@ -38,10 +39,7 @@ def established() -> ControlConnection:
 
 @given(
     st.one_of(
-        st.builds(Ack, st.integers(0, 2**64 - 1), st.binary(min_size=32, max_size=32)),
         st.builds(Heartbeat, st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1)),
-        st.builds(Failover, st.text()),
-        st.builds(Stats, st.dictionaries(st.text(), st.integers())),
         st.builds(Mirror, st.binary(min_size=20, max_size=200).map(lambda b: b"\x45" + b[1:])),
         st.builds(
             ConnInfo,
@@ -49,14 +47,6 @@ def established() -> ControlConnection:
             st.integers(0, 65535),
             st.integers(0, 2**32 - 1),
             st.integers(0, 2**32 - 1),
-        ),
-        st.builds(
-            SvmOutput,
-            st.integers(0, 65535),
-            st.integers(0, 65535),
-            st.integers(0, 2**32 - 1),
-            st.integers(0, 2**64 - 1),
-            st.binary(max_size=3000),
         ),
         st.builds(
             NetSync,
@@ -77,6 +67,80 @@ def test_round_trip_byte_by_byte(event: object) -> None:
         assert c.next_event() is None
     c.receive_data(wire[-1:])
     assert c.next_event() == event
+
+
+@given(
+    st.one_of(
+        st.builds(Failover, st.text()),
+        st.builds(
+            SvmOutput,
+            st.integers(0, 65535),
+            st.integers(0, 65535),
+            st.integers(0, 2**32 - 1),
+            st.integers(0, 2**64 - 1),
+            st.binary(max_size=3000),
+        ),
+    )
+)
+def test_round_trip_to_the_primary(event: object) -> None:
+    c = established(Role.PRIMARY)
+    c.receive_data(encode_event(event))  # type: ignore[arg-type]
+    assert c.next_event() == event
+
+
+@given(st.integers(1, 2**64 - 2), st.binary(min_size=32, max_size=32))
+def test_ack_round_trip_for_the_checkpoint_in_flight(seq: int, digest: bytes) -> None:
+    c = established(Role.PRIMARY)
+    c.sent_seq = seq - 1
+    c.checkpoint_sent(seq)
+    c.receive_data(encode_event(Ack(seq, digest)))
+    assert c.next_event() == Ack(seq, digest)
+    assert c.state is State.ESTABLISHED and c.acked == seq
+
+
+def test_ack_for_another_checkpoint_than_the_one_in_flight_is_refused() -> None:
+    c = established(Role.PRIMARY)
+    c.checkpoint_sent(1)
+    c.receive_data(encode_event(Ack(2, bytes(32))))
+    with pytest.raises(ControlError, match="ACK: for checkpoint 2, 1 is in flight"):
+        c.next_event()
+    assert c.state is State.CLOSED
+
+
+def test_ack_with_no_checkpoint_in_flight_is_refused() -> None:
+    c = established(Role.PRIMARY)
+    c.receive_data(encode_event(Ack(1, bytes(32))))
+    with pytest.raises(ControlError, match="not allowed in state established of the primary"):
+        c.next_event()
+
+
+def test_disk_blocks_of_an_acked_checkpoint_are_refused() -> None:
+    c = established(Role.SECONDARY)
+    c.send(Ack(1, bytes(32)))
+    c.receive_data(encode_event(DiskWrites(1, 8, ((0, bytes(4096)),), last=True)))
+    with pytest.raises(ControlError, match="DISK: blocks of checkpoint 1, which was already ACKed"):
+        c.next_event()
+
+
+def test_the_primary_sends_no_disk_blocks_after_the_checkpoint_end() -> None:
+    c = established(Role.PRIMARY)
+    c.send(DiskWrites(1, 8, (), last=True))  # before CHECKPOINT_END: fine
+    c.checkpoint_sent(1)
+    with pytest.raises(ControlError, match="blocks of checkpoint 1 after its CHECKPOINT_END"):
+        c.send(DiskWrites(1, 8, (), last=True))
+
+
+def test_a_side_sends_only_its_own_frames_and_acks_in_order() -> None:
+    primary, secondary = established(Role.PRIMARY), established(Role.SECONDARY)
+    with pytest.raises(ControlError, match="the primary does not send it"):
+        primary.send(Ack(1, bytes(32)))
+    with pytest.raises(ControlError, match="the secondary does not send it"):
+        secondary.send(Mirror(b"\x45" + bytes(19)))
+    secondary.send(Ack(1, bytes(32)))
+    with pytest.raises(ControlError, match="checkpoint 1 after 1 was ACKed"):
+        secondary.send(Ack(1, bytes(32)))
+    with pytest.raises(ControlError, match="out of order after 0"):
+        primary.checkpoint_sent(2)
 
 
 def test_ack_layout_is_libxl_record_framing() -> None:
@@ -115,10 +179,10 @@ def test_wrong_version_hello() -> None:
         (struct.pack("<II", 42, 0), "type 42: unknown frame type"),
         (struct.pack("<II", 2, 3) + b"abc" + bytes(5), "ACK body of 3 bytes"),
         (struct.pack("<II", 3, 16) + bytes(16) + b"", None),  # a valid heartbeat
-        (struct.pack("<II", 6, 2) + b"[]" + bytes(6), "STATS is not an object"),
-        (struct.pack("<II", 4, 1) + b"\xff" + bytes(7), "FAILOVER"),
+        (struct.pack("<II", 6, 2) + b"{}" + bytes(6), "type 6: unknown frame type"),
+        (struct.pack("<II", 5, 1) + b"\xff" + bytes(7), "SHUTDOWN"),
         (struct.pack("<II", 3, 1 << 30), "exceeds"),
-        (struct.pack("<II", 4, 1) + b"a" + b"\x01" + bytes(6), "non-zero padding"),
+        (struct.pack("<II", 5, 1) + b"a" + b"\x01" + bytes(6), "non-zero padding"),
     ],
 )
 def test_garbage_after_hello(garbage: bytes, message: str | None) -> None:
@@ -140,25 +204,26 @@ def test_every_row_and_every_missing_row() -> None:
         Heartbeat(1, 1),
         Failover("x"),
         Shutdown("x"),
-        Stats({}),
+        DiskWrites(1, 8, (), last=True),
         Mirror(b"\x45" + bytes(19)),
         ConnInfo(40000, 7000, 1, 2),
         SvmOutput(40000, 7000, 2, 5, b"OK\n"),
         NetSync(3, ((40000, 7000, 12),)),
     ]
-    for state in State:
-        for ev in samples:
-            c = ControlConnection()
-            c.state = state
-            c.receive_data(encode_event(ev))
-            row = TRANSITIONS.get((state, type(ev)))
-            if state is State.CLOSED:
-                assert c.next_event() is None
-            elif row is None:
-                with pytest.raises(ControlError, match="not allowed"):
-                    c.next_event()
-            else:
-                assert c.next_event() == ev and c.state is row
+    for role in Role:
+        for state in State:
+            for ev in samples:
+                c = ControlConnection(role)
+                c.state, c.in_flight = state, 1
+                c.receive_data(encode_event(ev))
+                row = TRANSITIONS[role][state].get(type(ev))
+                if state is State.CLOSED:
+                    assert c.next_event() is None
+                elif row is None:
+                    with pytest.raises(ControlError, match="not allowed"):
+                        c.next_event()
+                else:
+                    assert c.next_event() == ev and c.state is row
 
 
 @pytest.mark.parametrize(
@@ -171,7 +236,7 @@ def test_every_row_and_every_missing_row() -> None:
     ],
 )
 def test_bad_colo_frames_name_the_frame(ftype: int, body: bytes, message: str) -> None:
-    c = established()
+    c = established(Role.PRIMARY if ftype == 10 else Role.SECONDARY)
     pad = bytes(-len(body) % 8)
     c.receive_data(struct.pack("<II", ftype, len(body)) + body + pad)
     with pytest.raises(ControlError, match=message):

@@ -21,8 +21,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from orchestrator.protection.remus import Control
-from orchestrator.transport.control import Ack, Heartbeat, Hello, Stats, encode_event
+from orchestrator.transport.control import Ack, Heartbeat, Hello, encode_event
+from orchestrator.transport.controlio import Control
 from orchestrator.transport.stdio import (
     CONTROL,
     MAX_PAYLOAD,
@@ -34,6 +34,8 @@ from orchestrator.transport.stdio import (
     open_command,
     open_stdio,
 )
+
+from .stdio_peer import report
 
 PEER = Path(__file__).with_name("stdio_peer.py")
 MIB = 1 << 20
@@ -241,13 +243,14 @@ async def _start(mode: str) -> tuple[socket.socket, Control, CommandLink, Events
     stream, ctl, link = await open_command(peer(mode))
     peer_hello = await ctl.hello(Hello("primary", {"c_info": {"name": "web"}}), 10)
     assert peer_hello.protection == "secondary"
+    ctl.conn.checkpoint_sent(1)  # the echo peer ACKs the whole stream as checkpoint 1
     return stream, ctl, link, Events(ctl)
 
 
 async def _finish_cleanly(ctl: Control, events: Events, link: CommandLink) -> None:
     """Our control ends -> the peer answers and ends its own -> the command exits 0."""
     ctl.writer.write_eof()
-    assert await events.get() == Stats({"control_eof": True})
+    assert await events.get() == report(control_eof=True)
     assert isinstance(await events.get(), ConnectionError)
     assert await asyncio.wait_for(link.wait(), 10) == 0
     assert link.error is None, link.error
@@ -262,7 +265,7 @@ def test_64_mib_through_the_mux_and_eof_both_ways(capsys: pytest.CaptureFixture[
             beats = asyncio.create_task(events.heartbeats(push))
             digest, _ = await push
             # the stream's end (our SHUT_WR) reached the peer's reader: it sent the digest
-            assert await events.get(30) == Stats({"stream_bytes": 64 * MIB})
+            assert await events.get(30) == report(stream_bytes=64 * MIB)
             assert await events.get() == Ack(1, digest)
             elapsed = time.monotonic() - t0
             await beats
@@ -287,7 +290,7 @@ def test_secondary_shutting_its_stream_down_leaves_the_pumps_working() -> None:
         try:
             push = asyncio.create_task(asyncio.to_thread(_push, stream, 16))
             beats = asyncio.create_task(events.heartbeats(push))
-            assert await events.get() == Stats({"failed_over_after": MIB})
+            assert await events.get() == report(failed_over_after=MIB)
             await push  # the rest went in (and was dropped over there) without an error
             await beats
             n = len(events.rtts)

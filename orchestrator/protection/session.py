@@ -1,0 +1,619 @@
+"""What every mode of protection shares, written once.
+
+A protection is one of four drivers (Remus or COLO, primary or secondary; the
+Xen receiver is a Remus secondary), and they differ only in their helper
+callbacks and the steps of their own mode. Everything else lives here:
+
+* :class:`PrimaryLink`: the primary's side of the control connection. One
+  reader task routes each ACK (Remus) or LOADED (COLO) to the future of its
+  checkpoint sequence number, as qemu.qmp routes replies into ``_pending``;
+  when the connection is lost every waiter gets :class:`PeerLost` at once and
+  the helper is stopped. Heartbeats go out from the HELLO on.
+* :class:`SecondaryLink`: the secondary's side: the reader that hands the
+  mode's frames to it, notices the primary's SHUTDOWN, the heartbeat watchdog
+  and the forced failover, any of which breaks the stream so that the helper
+  (or xl) finishes from the last complete checkpoint.
+* :class:`Watchdog`: a primary whose checkpoints make no progress (a stuck
+  link) ends replication rather than hanging.
+* :class:`Primary` and :class:`Secondary`: the run of a protection around the
+  save or restore helper: HELLO, the libxl prelude, the helper session, and
+  every way out (a suspended guest resumed, devices torn down, the fence
+  disarmed).
+* :class:`Figures`: the live numbers, bounded (recent samples in deques,
+  cumulative counters), from which the worker's
+  :class:`~.status.ProtectionStatus` is filled.
+
+The rules of what frame may come when are the control codec's table
+(``transport/control.py``), not ``isinstance`` chains here.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import bisect
+import contextlib
+import hashlib
+import logging
+import socket
+import statistics
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from ..hypervisors.base import DomainInfo, Hypervisor
+from ..savehelper import Callbacks, HelperFailed, HelperSession, Mode, SaveArgs, StreamType
+from ..streams import libxl
+from ..transport.control import (
+    Ack,
+    ControlError,
+    Event,
+    Failover,
+    Hello,
+    Role,
+    Shutdown,
+)
+from ..transport.controlio import Control, heartbeats, send_nowait
+from .spec import ProtectionSpec
+from .status import PAUSE_BUCKETS, ProtectionStatus, State
+
+log = logging.getLogger(__name__)
+
+RECENT = 256  # samples kept for medians: a protection runs for months
+
+
+class Unprotected(Exception):
+    """The primary ended replication on purpose: no failover, the copy is dropped."""
+
+
+class ReplicationError(Exception):
+    """Replication cannot go on; the message says why. The primary's guest runs on."""
+
+
+class PeerLost(ReplicationError):
+    """The control connection closed, broke, or the peer said it is done."""
+
+
+class AckTimeout(ReplicationError):
+    pass
+
+
+class DigestMismatch(ReplicationError):
+    """The secondary applied something other than what we sent: its copy is not ours."""
+
+
+def ack_digest(seq: int, disk: bytes | None) -> bytes:
+    """What a Remus ACK of checkpoint ``seq`` carries, and what the primary expects.
+
+    Both sides can compute it: ``disk`` is the digest of the checkpoint's disk
+    blocks (:func:`~..devices.disk.blocks_digest`, over what the primary sent
+    and what the secondary wrote), or None without disk replication. The
+    memory is not in it: the primary never sees libxc's bytes (the helper
+    writes them to the fd itself), and hashing them would cost a copy of
+    every page; COLO's ``verify_memory`` covers memory where it is wanted.
+    """
+    h = hashlib.sha256(b"remus-ack\0" + seq.to_bytes(8, "little"))
+    if disk is not None:
+        h.update(disk)
+    return h.digest()
+
+
+@dataclass
+class Figures:
+    """The live numbers of one protection: recent samples bounded, counters cumulative."""
+
+    state: State = State.STARTING
+    reason: str = ""
+    checkpoints: int = 0
+    last_checkpoint_at: float | None = None
+    pauses: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
+    ack_lags: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT))
+    # pages sent per checkpoint after the first (which carries the whole memory)
+    dirty_pages: deque[int] = field(default_factory=lambda: deque(maxlen=RECENT))
+    initial_pages: int | None = None
+    pause_counts: list[int] = field(default_factory=lambda: [0] * (len(PAUSE_BUCKETS) + 1))
+    pause_sum: float = 0.0
+    epochs: int = 0
+    late_epochs: int = 0
+
+    def fail(self, reason: str) -> None:
+        """The first reason sticks: it is the cause; what follows is its consequence."""
+        if not self.reason:
+            self.reason = reason
+
+    def record_pause(self, seconds: float) -> None:
+        self.pauses.append(seconds)
+        self.pause_sum += seconds
+        self.pause_counts[bisect.bisect_left(PAUSE_BUCKETS, seconds)] += 1
+
+    def record_pages(self, pages: int) -> None:
+        if self.initial_pages is None:
+            self.initial_pages = pages
+        else:
+            self.dirty_pages.append(pages)
+
+    def checkpoint_done(self, seq: int) -> None:
+        self.checkpoints = seq
+        self.last_checkpoint_at = time.time()
+        self.state = State.REPLICATING
+
+    def fill(self, st: ProtectionStatus) -> None:
+        st.state, st.reason, st.checkpoints = self.state, self.reason, self.checkpoints
+        st.last_checkpoint_at = self.last_checkpoint_at
+        st.pause_ms_p50 = _ms_median(self.pauses)
+        st.ack_lag_ms_p50 = _ms_median(self.ack_lags)
+        dirty = statistics.median(self.dirty_pages) if self.dirty_pages else None
+        st.dirty_pages_p50 = dirty
+        st.dirty_bytes_p50 = dirty * 4096 if dirty is not None else None
+        st.pause_histogram.counts = list(self.pause_counts)
+        st.pause_histogram.sum = self.pause_sum
+        st.epochs, st.late_epochs = self.epochs, self.late_epochs
+
+
+def _ms_median(samples: deque[float]) -> float | None:
+    return round(statistics.median(samples) * 1e3, 3) if samples else None
+
+
+# -- the primary ---------------------------------------------------------------------
+
+
+class PrimaryLink:
+    """The primary's control connection: one reader, replies routed by sequence number.
+
+    ``ctl`` None is `xl remus -b`: nobody ACKs, and each checkpoint is taken as
+    acknowledged with the digest we expect.
+    """
+
+    def __init__(
+        self,
+        ctl: Control | None,
+        spec: ProtectionSpec,
+        on_frame: Callable[[Event], None] | None = None,
+        on_lost: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
+        self.ctl, self.spec = ctl, spec
+        self._on_frame = on_frame
+        self._on_lost = on_lost
+        self._pending: dict[int, asyncio.Future[Ack]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self.lost: str | None = None
+
+    async def open(self, hello: Hello) -> Hello | None:
+        """HELLO both ways, then heartbeats (the secondary's watchdog runs from our
+        prelude on, and setting up devices can outlast its timeout) and the reader."""
+        if self.ctl is None:
+            return None
+        peer = await self.ctl.hello(hello, self.spec.ack_timeout_s)
+        self._tasks.append(
+            asyncio.create_task(heartbeats(self.ctl, self.spec.heartbeat_interval_s))
+        )
+        self._tasks.append(asyncio.create_task(self._reader()))
+        return peer
+
+    def expect(self, seq: int, digest: bytes = b"") -> asyncio.Future[Ack]:
+        """Checkpoint ``seq`` is about to be written: the future of its reply."""
+        fut: asyncio.Future[Ack] = asyncio.get_running_loop().create_future()
+        if self.lost is not None:
+            fut.set_exception(PeerLost(self.lost))
+        elif self.ctl is None:
+            fut.set_result(Ack(seq, digest))
+        else:
+            self.ctl.conn.checkpoint_sent(seq)
+            self._pending[seq] = fut
+        return fut
+
+    async def reply(self, fut: asyncio.Future[Ack], seq: int, timeout: float) -> Ack:
+        """The reply to checkpoint ``seq``; :class:`AckTimeout` or :class:`PeerLost`."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except TimeoutError:
+            raise AckTimeout(f"no ACK for checkpoint {seq} within {timeout:g} s") from None
+        finally:
+            self._pending.pop(seq, None)
+            if not fut.done():
+                fut.cancel()
+
+    async def _reader(self) -> None:
+        assert self.ctl is not None
+        try:
+            while True:
+                event = await self.ctl.next()
+                if isinstance(event, Ack):
+                    fut = self._pending.pop(event.seq, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(event)
+                elif isinstance(event, Failover | Shutdown):
+                    raise PeerLost(f"secondary: {event.reason}")
+                elif self._on_frame is not None:
+                    self._on_frame(event)
+        except (ConnectionError, ControlError, PeerLost) as exc:
+            await self._lose(str(exc))
+
+    async def _lose(self, reason: str) -> None:
+        self.lost = reason
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(PeerLost(reason))
+        self._pending.clear()
+        if self._on_lost is not None:
+            await self._on_lost(reason)
+
+    def shutdown(self, reason: str) -> None:
+        """Tell the secondary to drop its copy: replication ends on purpose."""
+        if self.ctl is not None:
+            with contextlib.suppress(Exception):
+                self.ctl.send(Shutdown(reason))
+
+    async def flush(self, timeout: float = 1.0) -> None:
+        if self.ctl is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.ctl.drain(), timeout)
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self._tasks.clear()
+
+
+class Watchdog:
+    """No checkpoint progress for ``bound`` seconds: ``on_stuck`` (stop the helper)."""
+
+    def __init__(self, bound: float, every: float, on_stuck: Callable[[str], Awaitable[None]]):
+        self.bound, self.every, self._on_stuck = bound, every, on_stuck
+        self._last = time.monotonic()
+        self._task: asyncio.Task[None] | None = None
+
+    def progress(self) -> None:
+        self._last = time.monotonic()
+
+    def start(self) -> None:
+        self.progress()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.every)
+            if time.monotonic() - self._last > self.bound:
+                await self._on_stuck(f"no checkpoint progress for {self.bound:g} s")
+                return
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+class Primary(abc.ABC):
+    """The primary of one protection: the save helper, its callbacks answered by the mode."""
+
+    stream_type: StreamType
+
+    def __init__(
+        self,
+        hv: Hypervisor,
+        domain: DomainInfo,
+        stream: socket.socket,
+        control: Control | None,
+        spec: ProtectionSpec,
+    ) -> None:
+        self.hv, self.domain, self.stream, self.spec = hv, domain, stream, spec
+        self.figures = Figures()
+        self.session: HelperSession | None = None
+        self.link = PrimaryLink(control, spec, self._on_frame, self._stop_helper)
+        self.watchdog = Watchdog(self._progress_bound(), spec.ack_timeout_s / 4, self._stuck)
+        self._suspended = False
+        self._suspended_at = 0.0
+        self._seq = 0
+        self._stopping = False
+
+    # -- what a mode supplies --------------------------------------------------------
+
+    @abc.abstractmethod
+    def capabilities(self) -> tuple[str, ...]:
+        """What our HELLO announces (the secondary sets itself up from it)."""
+
+    @abc.abstractmethod
+    def callbacks(self) -> Callbacks: ...
+
+    def back_channel(self) -> int:
+        return -1
+
+    def _progress_bound(self) -> float:
+        return self.spec.interval_s + 2 * self.spec.ack_timeout_s
+
+    def _on_frame(self, event: Event) -> None:
+        """A control frame the mode may want (COLO: the secondary's output)."""
+        return None
+
+    async def _prepare(self) -> None:
+        """Before the HELLO (COLO: the vif's queues, so that a refusal comes first)."""
+        return None
+
+    async def _setup(self) -> None:
+        """After the prelude, before the helper (Remus: the checkpoint devices)."""
+        return None
+
+    async def _teardown(self, dying: bool) -> None:
+        """Every way out. ``dying``: torn down from outside (cancelled), no goodbyes."""
+        return None
+
+    def _progress_event(self, _doing: str, _done: int) -> None:
+        """The helper's progress reports (Remus counts pages)."""
+        return None
+
+    # -- shared steps ----------------------------------------------------------------
+
+    async def suspend_guest(self) -> None:
+        self._suspended_at = time.perf_counter()
+        await self.hv.suspend(self.domain.domid)
+        self._suspended = True
+
+    async def resume_guest(self) -> None:
+        await self.hv.resume(self.domain.domid)
+        self._suspended = False
+        self.figures.record_pause(time.perf_counter() - self._suspended_at)
+
+    def next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    async def _stop_helper(self, reason: str) -> None:
+        self.figures.fail(reason)
+        if self.session is not None:
+            await self.session.abort()
+
+    async def _stuck(self, reason: str) -> None:
+        # the reading thread of a blocked write stays in the kernel: breaking the
+        # socket releases it
+        with contextlib.suppress(OSError):
+            self.stream.shutdown(socket.SHUT_RDWR)
+        await self._stop_helper(reason)
+
+    async def stop(self, reason: str = "unprotected") -> None:
+        """`remusctl unprotect` (SIGTERM): end replication, the guest runs on here.
+
+        The secondary is told first, so that it drops its copy rather than take
+        over; the helper is then stopped at once (mid-checkpoint the guest is
+        resumed by :meth:`run`'s way out).
+        """
+        self._stopping = True
+        self.figures.fail(reason)
+        self.link.shutdown(reason)
+        await self._stop_helper(reason)
+
+    async def run(self) -> Figures:
+        await self._prepare()
+        dying = False
+        try:
+            await self.link.open(Hello(self.domain.uuid, self.domain.config, self.capabilities()))
+            await send_nowait(self.stream, libxl.Header().encode() + libxl.LIBXC_CONTEXT_RECORD)
+            await self._setup()
+            self.watchdog.start()
+            self.session = HelperSession(
+                Mode.SAVE,
+                self.callbacks(),
+                on_progress=lambda p: self._progress_event(p.doing_what, p.done),
+            )
+            if self._stopping:  # SIGTERM before the helper ran: nothing is half done
+                return self.figures
+            args = SaveArgs(self.domain.domid, self.session.cbflags, self.stream_type)
+            result = await self.session.run(
+                self.stream.fileno(), self.back_channel(), args, extra_env=self.hv.helper_env()
+            )
+            errors = [r.text for r in result.logs if r.level >= 8]
+            if errors:
+                self.figures.fail(f"save helper: {errors[0]}")
+        except (HelperFailed, ReplicationError) as exc:
+            self.figures.fail(str(exc))
+        except asyncio.CancelledError:
+            dying = True
+            raise
+        finally:
+            self.link.close()
+            self.watchdog.stop()
+            if self._suspended and not dying:  # ended mid-checkpoint: ours carries on
+                with contextlib.suppress(Exception):
+                    await self.hv.resume(self.domain.domid)
+                self._suspended = False
+            await self._teardown(dying)
+            self.figures.state = State.STOPPED
+        return self.figures
+
+
+# -- the secondary -------------------------------------------------------------------
+
+
+class SecondaryLink:
+    """The secondary's control connection: the mode's frames, the primary's end, and the
+    heartbeat watchdog; any of them ending breaks the stream (``on_lost``)."""
+
+    def __init__(
+        self,
+        ctl: Control,
+        spec: ProtectionSpec,
+        figures: Figures,
+        on_lost: Callable[[], None],
+        complete: Callable[[], int],
+        last_input: Callable[[], float] | None = None,
+    ) -> None:
+        ctl.set_role(Role.SECONDARY)
+        self.ctl, self.spec, self.figures = ctl, spec, figures
+        self._on_lost, self._complete = on_lost, complete
+        # over -s, control frames queue behind stream data: any byte proves life
+        self._last_input = last_input
+        self._tasks: list[asyncio.Task[None]] = []
+        self.unprotected = False
+        self.forced = False
+
+    async def hello(self, capabilities: tuple[str, ...]) -> Hello:
+        return await self.ctl.hello(Hello("secondary", {}, capabilities), self.spec.ack_timeout_s)
+
+    def start(self, on_frame: Callable[[Event], None]) -> None:
+        self._tasks = [
+            asyncio.create_task(self._reader(on_frame)),
+            asyncio.create_task(self._watchdog()),
+        ]
+
+    def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+
+    async def ack(self, seq: int, digest: bytes) -> None:
+        self.ctl.send(Ack(seq, digest))
+        with contextlib.suppress(ConnectionError):
+            await self.ctl.drain()
+
+    def force_failover(self, tell_primary: bool) -> None:
+        """`remusctl failover`: take over from the last complete checkpoint now.
+
+        ``tell_primary``: COLO's primary sends no checkpoint while its copies
+        agree, so a broken stream alone could go unnoticed there for up to
+        ``checkpoint_max_interval``.
+        """
+        self.forced = True  # the primary's SHUTDOWN in answer must not drop our copy
+        self.figures.reason = "failover forced by the administrator"
+        if tell_primary:
+            with contextlib.suppress(Exception):
+                self.ctl.send(Failover("failover forced by the administrator on the secondary"))
+        self._on_lost()
+
+    async def _reader(self, on_frame: Callable[[Event], None]) -> None:
+        try:
+            while True:
+                event = await self.ctl.next()
+                if isinstance(event, Shutdown):
+                    self.unprotected = True
+                    self.figures.fail(f"primary ended replication: {event.reason}")
+                    return
+                on_frame(event)
+        except (ConnectionError, ControlError, ReplicationError) as exc:
+            self.figures.fail(f"control: {exc}")
+        finally:
+            self._on_lost()
+
+    def heartbeat_timeout(self) -> float:
+        # Until a checkpoint is whole here there is nothing to fail over to, so
+        # giving up fast buys nothing and turns one scheduling hiccup on a busy
+        # host (spawning the helper, iptables) into a failed start. A primary
+        # that dies in the initial copy still shows as EOF on both sockets.
+        if self._complete() == 0:
+            return max(self.spec.heartbeat_timeout_s, self.spec.ack_timeout_s)
+        return self.spec.heartbeat_timeout_s
+
+    def last_heard(self) -> float:
+        heard = self.ctl.last_heard
+        if self._last_input is not None:
+            heard = max(heard, self._last_input())
+        return heard
+
+    def seconds_since_heard(self) -> float:
+        return time.monotonic() - self.last_heard()
+
+    async def _watchdog(self) -> None:
+        while True:
+            await asyncio.sleep(self.spec.heartbeat_interval_s)
+            timeout = self.heartbeat_timeout()
+            if time.monotonic() - self.last_heard() > timeout:
+                self.figures.fail(f"no heartbeat for {timeout:g} s: primary lost")
+                self._on_lost()
+                return
+
+
+class Secondary(abc.ABC):
+    """The secondary of one protection: the restore, and the failover or the drop."""
+
+    def __init__(
+        self,
+        hv: Hypervisor,
+        stream: socket.socket,
+        control: Control,
+        spec: ProtectionSpec,
+        name: str | None = None,
+        last_input: Callable[[], float] | None = None,
+    ) -> None:
+        self.hv, self.stream, self.spec, self.name = hv, stream, spec, name
+        self.figures = Figures()
+        self.link = SecondaryLink(
+            control, spec, self.figures, self.break_stream, self.complete_checkpoints, last_input
+        )
+        self.target: DomainInfo | None = None
+        self._broken = False
+
+    tell_primary_on_force = False
+
+    @abc.abstractmethod
+    def capabilities(self) -> tuple[str, ...]: ...
+
+    @abc.abstractmethod
+    def complete_checkpoints(self) -> int:
+        """Checkpoints whole here: something to fail over to once above 0."""
+
+    @abc.abstractmethod
+    async def _open(self, peer: Hello) -> DomainInfo:
+        """The target domain (or what is coming, on Xen) for the primary's HELLO."""
+
+    @abc.abstractmethod
+    async def _restore(self) -> None:
+        """Until the stream ends: the helper's (or xl's) restore of each checkpoint."""
+
+    @abc.abstractmethod
+    async def _take_over(self) -> DomainInfo:
+        """Failover: start the guest here from the last complete checkpoint."""
+
+    async def _drop(self) -> None:
+        """The copy goes (the primary ended replication, or we failed)."""
+        if self.target is not None and self.target.domid >= 0:
+            self.hv.destroy(self.target.domid)
+
+    def _on_frame(self, event: Event) -> None:
+        """A control frame of the mode (disk blocks, COLO's network half)."""
+        return None
+
+    def force_failover(self) -> None:
+        self.link.force_failover(self.tell_primary_on_force)
+
+    def break_stream(self) -> None:
+        """Fail over: the helper (or xl) reads to the end of the last checkpoint."""
+        if not self._broken:
+            self._broken = True
+            with contextlib.suppress(OSError):
+                self.stream.shutdown(socket.SHUT_RDWR)
+            self._stream_broken()
+
+    def _stream_broken(self) -> None:
+        """What else must stop waiting when the stream breaks (the disk replica)."""
+        return None
+
+    def start_link(self) -> None:
+        self.link.start(self._on_frame)
+
+    async def run(self) -> DomainInfo:
+        peer = await self.link.hello(self.capabilities())
+        self.target = await self._open(peer)
+        try:
+            try:
+                await self._restore()
+            finally:
+                self.link.stop()
+            if self.link.unprotected and not self.link.forced:
+                self.figures.state = State.STOPPED
+                raise Unprotected(self.figures.reason)
+            if self.complete_checkpoints() == 0:
+                raise ReplicationError(
+                    "nothing to fail over to: no complete checkpoint"
+                    + (f" ({self.figures.reason})" if self.figures.reason else "")
+                )
+            self.figures.state = State.FAILING_OVER
+            info = await self._take_over()
+            self.figures.state = State.FAILED_OVER  # only once the guest runs here
+            self.target = info
+            return info
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._drop()
+            raise
+
+
+async def no_results(*_args: int) -> int:
+    """A restore callback with nothing to report back (static_data_done and friends)."""
+    return 0
