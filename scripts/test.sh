@@ -6,6 +6,8 @@ py=.venv/bin/python
 status=0
 echo "== ruff"; $py -m ruff check orchestrator helpers tests benchmarks lab || status=1
 echo "== mypy --strict orchestrator/"; $py -m mypy --strict orchestrator || status=1
+# the layering contract (pyproject.toml [tool.importlinter]): no import runs upward
+echo "== import-linter"; .venv/bin/lint-imports --no-cache || status=1
 echo "== pytest"
 $py -m pytest -q -rs "$@"
 rc=$?

@@ -14,6 +14,14 @@ import abc
 
 class CheckpointDevice(abc.ABC):
     name: str = "device"
+    # what the primary's HELLO announces when the device has a secondary half
+    # (the disk: "disk"); None for devices that are the primary's alone
+    capability: str | None = None
+
+    def digest(self, epoch: int) -> bytes | None:
+        """What the secondary's ACK of checkpoint ``epoch`` must cover for this device
+        (the disk: a digest of the blocks sent), or None if nothing."""
+        return None
 
     @abc.abstractmethod
     async def setup(self) -> None:

@@ -1,4 +1,4 @@
-"""Disk replication for simulated domains: per-checkpoint block sets, applied on commit.
+"""Disk replication: per-checkpoint block sets, applied on commit.
 
 Xen's Remus replicates disks with DRBD or blktap's remus driver: the
 primary's writes go to its own disk at once and are mirrored to the
@@ -6,7 +6,9 @@ secondary, which holds each epoch's writes aside and applies them only when
 that epoch's memory checkpoint is complete, so that after a failover disk
 and memory are from the same instant.
 
-Here the primary side (:class:`DiskSender`) is a checkpoint device: at
+Here the primary side (:class:`DiskSender`) is a checkpoint device over
+any backend's :class:`~orchestrator.hypervisors.base.BlockDevice` (today the
+simulated one's, ``Capability.DISK_REPLICATION``): at
 ``postsuspend`` of checkpoint *k* (the guest is stopped, so no write is in
 flight) it takes the blocks marked in the domain's block dirty map, clears
 the marks and sends their contents as DISK frames tagged *k* on the control
@@ -35,7 +37,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..hypervisors.simdomain import BLOCK_SIZE, SimDomain
+from ..hypervisors.base import BLOCK_SIZE, BlockDevice
 from ..transport.control import DISK_FRAME_BLOCKS, DiskWrites
 from .base import CheckpointDevice
 
@@ -69,22 +71,31 @@ class DiskStats:
     checkpoints: int = 0
 
 
+def blocks_digest_part(blocks: tuple[tuple[int, bytes], ...] | list[tuple[int, bytes]]) -> bytes:
+    """The bytes a checkpoint's disk digest covers for these blocks, on both sides."""
+    return b"".join(n.to_bytes(8, "little") + data for n, data in blocks)
+
+
 class DiskSender(CheckpointDevice):
     """Primary side: each checkpoint's dirty blocks, sent as that checkpoint's DISK frames."""
 
     name = "disk"
+    capability = "disk"  # the secondary sets up its replica when the HELLO says so
 
-    def __init__(self, domain: SimDomain, send: Callable[[DiskWrites], None]) -> None:
+    def __init__(self, domain: BlockDevice, send: Callable[[DiskWrites], None]) -> None:
         self.domain = domain
         self.send = send
         self.stats = DiskStats()
         self._fd = -1
         self._initial: list[int] = []
+        # digests of the checkpoints sent and not yet asked for: one in flight at a
+        # time, so this never holds more than a couple
+        self._digests: dict[int, bytes] = {}
 
     async def setup(self) -> None:
         path = self.domain.disk_path
         if path is None:
-            raise ValueError(f"domain {self.domain.config.name} has no disk to replicate")
+            raise ValueError(f"domain {self.domain.name} has no disk to replicate")
         self._fd = os.open(path, os.O_RDONLY)
         blocks = self.domain.disk_blocks
         self._initial = await asyncio.to_thread(_blocks_with_data, self._fd, blocks)
@@ -109,9 +120,17 @@ class DiskSender(CheckpointDevice):
         chunks = [
             numbers[i : i + DISK_FRAME_BLOCKS] for i in range(0, len(numbers), DISK_FRAME_BLOCKS)
         ]
+        digest = hashlib.sha256(epoch.to_bytes(8, "little"))
         for i, chunk in enumerate(chunks or [[]]):
             blocks = tuple((n, os.pread(self._fd, BLOCK_SIZE, n * BLOCK_SIZE)) for n in chunk)
+            digest.update(blocks_digest_part(blocks))
             self.send(DiskWrites(epoch, total, blocks, last=i == max(len(chunks) - 1, 0)))
+        self._digests = {epoch: digest.digest()}
+
+    def digest(self, epoch: int) -> bytes | None:
+        """What the secondary's :meth:`DiskReplica.apply` of ``epoch`` returns if it
+        wrote exactly the blocks we sent; the primary checks the ACK against it."""
+        return self._digests.pop(epoch, None)
 
     async def preresume(self) -> None:
         pass
@@ -132,7 +151,7 @@ class DiskReplicaError(Exception):
 class DiskReplica:
     """Secondary side: blocks held per checkpoint, written to the replica at commit."""
 
-    def __init__(self, domain: SimDomain) -> None:
+    def __init__(self, domain: BlockDevice) -> None:
         self.domain = domain
         path = domain.disk_path
         if path is None:
@@ -197,8 +216,7 @@ class DiskReplica:
             try:
                 for n, data in blocks:
                     os.pwrite(fd, data, n * BLOCK_SIZE)
-                    digest.update(n.to_bytes(8, "little"))
-                    digest.update(data)
+                digest.update(blocks_digest_part(blocks))
                 os.fdatasync(fd)
             finally:
                 os.close(fd)

@@ -1,16 +1,71 @@
 """The small interface the protection logic needs from a hypervisor, in Xen's terms.
 
-Backends (``sim.py``, later ``xen.py``) implement it; ``protection/`` never
-imports a backend directly. What only Xen has stays in the Xen backend.
+Backends (``sim.py``, the simulated hypervisor, and ``xen.py``, Xen 4.17)
+implement it; ``protection/`` never imports a backend directly but opens one
+through ``select.open_hypervisor``. What a backend can do beyond the common
+operations it declares as :class:`Capability` members, which callers ask
+with :meth:`Hypervisor.can` rather than comparing the backend's name (as
+Ganeti's hypervisors declare ``CAN_MIGRATE``). What only Xen has stays in
+the Xen backend.
 """
 
 from __future__ import annotations
 
 import abc
+import enum
+import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Protocol
+
+# the unit of a BlockDevice's dirty map, and so of disk replication's DISK frames
+BLOCK_SIZE: Final = 4096
+
+
+class Capability(enum.Enum):
+    """What a backend can do beyond the common operations."""
+
+    # a fence guard may destroy the domain when the protecting process dies (Xen; not
+    # the simulation by default, whose copies share one machine and cannot split)
+    FENCE = "fence"
+    # disk_of() gives a BlockDevice with a dirty map (the simulation; Xen's Remus
+    # needs DRBD or blktap, which we do not drive)
+    DISK_REPLICATION = "disk_replication"
+    # memory_digest() can read a domain's memory (the simulation)
+    MEMORY_ACCESS = "memory_access"
+    # the secondary restores through the toolstack's own receiver (xl
+    # migrate-receive), not through the restore helper directly (Xen)
+    TOOLSTACK_RESTORE = "toolstack_restore"
+    # this backend can run COLO (the simulation; Xen ships COLO for HVM only)
+    COLO = "colo"
+    # vif_name()/vif_addresses() give the guest's link, where its output can be
+    # held and COLO's input injected (the simulation, as root)
+    GUEST_NETWORK = "guest_network"
+
+
+class BlockDevice(Protocol):
+    """What disk replication needs from a domain's disk (see ``devices/disk.py``)."""
+
+    @property
+    def name(self) -> str:
+        """The domain's name, for messages."""
+        ...
+
+    @property
+    def disk_path(self) -> Path | None:
+        """The disk image, None for a diskless domain."""
+        ...
+
+    @property
+    def disk_blocks(self) -> int:
+        """The image's size in blocks of BLOCK_SIZE (0 without a disk)."""
+        ...
+
+    def disk_dirty(self) -> mmap.mmap:
+        """One byte per block, 1 where the guest wrote since the mark was cleared;
+        sized to the image (a replica's image is sized late)."""
+        ...
 
 
 class HypervisorError(Exception):
@@ -47,7 +102,17 @@ class DomainInfo:
 class Hypervisor(abc.ABC):
     """One host's hypervisor."""
 
+    # for display, and for opening the same backend in another process (select.py)
     name: str = "base"
+
+    @property
+    def capabilities(self) -> frozenset[Capability]:
+        """What this backend can do; a backend whose answer depends on the host
+        (root, say) keeps this a property, the others override it with a constant."""
+        return frozenset()
+
+    def can(self, cap: Capability) -> bool:
+        return cap in self.capabilities
 
     @abc.abstractmethod
     def list_domains(self) -> list[DomainInfo]: ...
@@ -108,8 +173,16 @@ class Hypervisor(abc.ABC):
         secondary injects mirrored input; None where the backend has none."""
         return None
 
-    # disk replication needs a backend that can hand out a block dirty map
-    supports_disk_replication: bool = False
+    @property
+    def supports_disk_replication(self) -> bool:
+        """Alias of ``can(Capability.DISK_REPLICATION)``, until protection/ asks that."""
+        return self.can(Capability.DISK_REPLICATION)
 
-    def disk_of(self, domid: int) -> Any:
+    def disk_of(self, domid: int) -> BlockDevice:
+        """The domain's disk with its block dirty map (Capability.DISK_REPLICATION)."""
         raise HypervisorError(f"the {self.name} backend cannot replicate disks")
+
+    def memory_digest(self, domid: int) -> bytes:
+        """sha256 of the domain's whole memory (Capability.MEMORY_ACCESS): what COLO
+        compares between the two copies after a checkpoint."""
+        raise HypervisorError(f"the {self.name} backend cannot read a domain's memory")

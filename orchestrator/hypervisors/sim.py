@@ -1,7 +1,7 @@
 """The simulated hypervisor: the embedded default, one per host directory.
 
 A domain is a directory (``simdomain``) plus, while it runs, a guest process
-(``simguest``). Several hosts live side by side on one machine, each with its
+(``guest.simguest``). Several hosts live side by side on one machine, each with its
 own directory (``--host`` or ``$REMUS_SIM_HOST``), so a primary and a
 secondary can run on one laptop.
 
@@ -14,6 +14,12 @@ What maps to what:
                      it starts a fresh guest process on the restored memory
   vif                as root: a network namespace per domain with a veth pair, the
                      host end named like a vif; otherwise a loopback port
+
+Guests' addresses (as root) come from 198.18.0.0/15, the range RFC 2544 sets
+aside for test networks, and the root namespace gets an ``unreachable`` route
+for the whole range: a guest whose namespace is gone (destroyed, saved)
+fails at once with "no route to host" rather than following the default
+route off the machine, while live guests' /30 links, more specific, win.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import json
+import hashlib
+import ipaddress
 import os
 import shutil
 import signal
@@ -33,8 +40,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
-from ..devices.netbuf_nfqueue import remove_stale_rules
+from ..guest.machine import EVTCHN
 from .base import (
+    Capability,
     DomainInfo,
     DomainNotFound,
     Hypervisor,
@@ -55,10 +63,20 @@ from .simdomain import (
     default_host_dir,
     domain_path,
 )
-from .simguest import EVTCHN
 
 GUEST_PORT: Final = 7000
 START_TIMEOUT: Final = 15.0
+
+# the guests' address pool (RFC 2544's benchmarking range): never routed on the
+# Internet, and made unreachable here by the route below
+ADDRESS_POOL: Final = ipaddress.IPv4Network("198.18.0.0/15")
+# 17 bits of pool: 11 for the host, 6 for its guests. A host's /26 holds 16 /30
+# links (domid % 16), so 2048 hosts of 16 live guests each. The host index folds
+# all 16 bits of the host's tag into 11 (with 250 subnets two hosts collided in
+# about one demo run of a hundred, and one guest's address routed to the other's
+# veth); a collision that remains is refused loudly by _setup_vif.
+HOST_BITS: Final = 11
+LINKS_PER_HOST: Final = 1 << (ADDRESS_POOL.max_prefixlen - ADDRESS_POOL.prefixlen - HOST_BITS - 2)
 
 
 def libxl_config(
@@ -95,20 +113,56 @@ def have_netns() -> bool:
     return os.geteuid() == 0 and shutil.which("ip") is not None
 
 
+def install_unreachable_route() -> None:
+    """The pool's ``unreachable`` route in the root namespace, idempotently (as root).
+
+    ``replace`` both adds it and mends a route for the pool that points
+    elsewhere, which is exactly the leak this route exists to stop."""
+    if not have_netns():
+        return
+    cmd = ["ip", "route", "replace", "unreachable", str(ADDRESS_POOL)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise HypervisorError(f"{' '.join(cmd)}: {r.stderr.strip()}")
+
+
+def drop_vif_rules(vif: str) -> None:
+    """Remove the iptables rules that name a vif being destroyed, as Xen's vif
+    hotplug script does on offline: a primary killed while it held the guest's
+    output (NFQUEUE) leaves its rule behind, and a later vif of the same name
+    would have its packets queued to nobody."""
+    if shutil.which("iptables") is None:
+        return
+    listing = subprocess.run(["iptables", "-w", "-S", "INPUT"], capture_output=True, text=True)
+    for line in listing.stdout.splitlines():
+        words = line.split()
+        if words[:1] == ["-A"] and vif in words:
+            subprocess.run(["iptables", "-w", "-D", *words[1:]], capture_output=True)
+
+
 class SimHypervisor(Hypervisor):
     name = "sim"
-    supports_disk_replication = True
 
     def __init__(self, host: Path | None = None, use_netns: bool | None = None) -> None:
         self.host = Path(host) if host is not None else default_host_dir()
         (self.host / "domains").mkdir(parents=True, exist_ok=True)
         self.use_netns = have_netns() if use_netns is None else use_netns
+        # as root even without namespaces of our own: another host on this machine
+        # may have left guests' addresses behind
+        install_unreachable_route()
         self.tag = f"{zlib.crc32(str(self.host.resolve()).encode()) & 0xFFFF:04x}"
         # one event-channel connection per domain, reused while the event loop lives
         self._evtchn: dict[
             int, tuple[asyncio.AbstractEventLoop, asyncio.StreamReader, asyncio.StreamWriter]
         ] = {}
         self._doms: dict[int, SimDomain] = {}
+
+    @property
+    def capabilities(self) -> frozenset[Capability]:
+        caps = {Capability.DISK_REPLICATION, Capability.MEMORY_ACCESS, Capability.COLO}
+        if self.use_netns:
+            caps.add(Capability.GUEST_NETWORK)
+        return frozenset(caps)
 
     # -- bookkeeping ------------------------------------------------------------
 
@@ -262,11 +316,16 @@ class SimHypervisor(Hypervisor):
         return self.host / "remus"
 
     def memory_path(self, domid: int) -> Path:
-        """The domain's memory file (for COLO's memory digests)."""
+        """The domain's memory file."""
         return domain_path(self.host, domid) / "memory"
 
+    def memory_digest(self, domid: int) -> bytes:
+        self._domain(domid)  # DomainNotFound rather than a bare FileNotFoundError
+        with open(self.memory_path(domid), "rb") as f:
+            return hashlib.file_digest(f, "sha256").digest()
+
     def disk_of(self, domid: int) -> SimDomain:
-        """The domain's handle, for the disk replication device (image and dirty map)."""
+        """The domain's handle, a BlockDevice for disk replication (image and dirty map)."""
         return self._domain(domid)
 
     async def finish_restore(self, domid: int) -> DomainInfo:
@@ -277,17 +336,15 @@ class SimHypervisor(Hypervisor):
 
     def _netns(self, domid: int) -> tuple[str, str, str, str]:
         """(namespace, host-side vif, host address, guest address) of a domain."""
-        # a /24 per host from all 16 bits of its tag: with 250 subnets (the
-        # third octet alone) two hosts collided in about one demo run of a
-        # hundred, and then one guest's address routed to the other's veth
         t = int(self.tag, 16)
-        net = f"10.{64 + (t >> 8) % 192}.{t & 0xFF}"
-        base = (domid % 63) * 4
+        host_index = (t ^ (t >> HOST_BITS)) & ((1 << HOST_BITS) - 1)  # all 16 bits count
+        link_index = host_index * LINKS_PER_HOST + domid % LINKS_PER_HOST
+        link = ADDRESS_POOL.network_address + 4 * link_index
         return (
             f"rsim-{self.tag}-{domid}",
             f"vif{self.tag}.{domid}"[:15],
-            f"{net}.{base + 1}",
-            f"{net}.{base + 2}",
+            str(link + 1),
+            str(link + 2),
         )
 
     def vif_addresses(self, domid: int) -> tuple[str, str] | None:
@@ -304,6 +361,20 @@ class SimHypervisor(Hypervisor):
     def _setup_vif(self, domid: int) -> str:
         ns, vif, host_ip, guest_ip = self._netns(domid)
         self._teardown_vif(domid)
+        install_unreachable_route()
+        # ours is gone: whoever still holds this /30 is another domain (of this host,
+        # LINKS_PER_HOST domids on, or of a host whose tag folds to the same subnet),
+        # and a second copy of the link would route one guest's traffic to the other
+        held = subprocess.run(
+            ["ip", "-o", "-4", "addr", "show", "to", f"{host_ip}/30"],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        if held:
+            raise HypervisorError(
+                f"domain {domid}'s link {host_ip}/30 is already on {held[1]}: more than "
+                f"{LINKS_PER_HOST} live guests on host {self.host}, or a host sharing its subnet"
+            )
         for cmd in (
             ["ip", "netns", "add", ns],
             ["ip", "link", "add", vif, "type", "veth", "peer", "name", "eth0", "netns", ns],
@@ -324,7 +395,7 @@ class SimHypervisor(Hypervisor):
         subprocess.run(["ip", "link", "del", vif], capture_output=True)
 
     def _start_guest(self, dom: SimDomain, dirty_rate: int) -> None:
-        cmd = [sys.executable, "-m", "orchestrator.hypervisors.simguest", str(dom.path)]
+        cmd = [sys.executable, "-m", "orchestrator.guest.simguest", str(dom.path)]
         if dirty_rate:
             cmd += ["--dirty-rate", str(dirty_rate)]
         if dom.config.cmdline:
@@ -411,7 +482,7 @@ class SimHypervisor(Hypervisor):
                 time.sleep(0.01)
         if self.use_netns:
             self._teardown_vif(domid)
-            remove_stale_rules(self._netns(domid)[1])
+            drop_vif_rules(self._netns(domid)[1])
         dom.close()
         self._doms.pop(domid, None)
         shutil.rmtree(dom.path, ignore_errors=True)
@@ -486,12 +557,6 @@ class SimHypervisor(Hypervisor):
     def helper_env(self) -> dict[str, str]:
         helper = os.environ.get("LIBXL_SAVE_HELPER") or _sim_helper()
         return {"LIBXL_SAVE_HELPER": helper, "REMUS_SIM_HOST": str(self.host)}
-
-    def read_config(self, domid: int) -> dict[str, Any]:
-        return self._info(self._domain(domid)).config
-
-    def describe(self) -> str:
-        return json.dumps({"backend": self.name, "host": str(self.host), "netns": self.use_netns})
 
 
 def _sim_helper() -> str:

@@ -24,40 +24,60 @@ see the write go past), which is what Remus's disk replication sends.
 
 One byte per page (not one bit) so that the guest setting a page's mark and
 the saver clearing another page's mark never race on a shared byte.
+
+The files the guest shares (memory, dirty maps, state word) are defined in
+``orchestrator.guest.machine``, below this layer, so that the guest program
+needs nothing of the hypervisor's; this module adds what only the
+hypervisor and the save helper do: creating a domain and its vCPU context.
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
-import struct
 import uuid as uuidlib
-from dataclasses import asdict, dataclass
-from enum import StrEnum
+from dataclasses import asdict
 from pathlib import Path
 from typing import Final
 
-PAGE_SIZE: Final = 4096
-BLOCK_SIZE: Final = 4096
+from ..guest.machine import (
+    BLOCK_SIZE,
+    PAGE_SIZE,
+    DomainConfig,
+    DomainState,
+    Machine,
+    NoSuchDomain,
+    RunState,
+    ShutdownReason,
+)
+from .base import BLOCK_SIZE as DEVICE_BLOCK_SIZE
+
+__all__ = [
+    "BLOCK_SIZE",
+    "DEFAULT_DISK_MIB",
+    "DEFAULT_MEMORY_MIB",
+    "HOST_ENV",
+    "PAGE_SIZE",
+    "DomainConfig",
+    "DomainState",
+    "NoSuchDomain",
+    "RunState",
+    "ShutdownReason",
+    "SimDomain",
+    "default_host_dir",
+    "domain_path",
+]
+
 DEFAULT_DISK_MIB: Final = 4
 DEFAULT_MEMORY_MIB: Final = 128
 HOST_ENV: Final = "REMUS_SIM_HOST"
 
-
-class RunState(StrEnum):
-    RUNNING = "running"
-    PAUSED = "paused"
-    SHUTDOWN = "shutdown"  # with a reason, e.g. suspend
-    DYING = "dying"
-
-
-class ShutdownReason(StrEnum):
-    NONE = ""
-    POWEROFF = "poweroff"
-    REBOOT = "reboot"
-    SUSPEND = "suspend"
-    CRASH = "crash"
+# the disk's dirty map is what disk_of() hands out as a BlockDevice: one mark per
+# block of the interface's size, or disk replication would send the wrong ranges
+if BLOCK_SIZE != DEVICE_BLOCK_SIZE:
+    raise ImportError(
+        f"simulated disk blocks of {BLOCK_SIZE} bytes, devices use {DEVICE_BLOCK_SIZE}"
+    )
 
 
 def default_host_dir() -> Path:
@@ -70,57 +90,8 @@ def default_host_dir() -> Path:
     return state / "remus-sim/default"
 
 
-@dataclass(frozen=True)
-class DomainConfig:
-    name: str
-    uuid: str
-    domid: int
-    domain_type: str  # "pv" or "hvm"
-    pages: int
-    disk: str = ""  # path of the raw disk image, "" for a diskless domain
-    # the guest's kernel command line (libxl's b_info type.pv cmdline): what the
-    # guest service is told at boot, so that a restored or COLO secondary copy
-    # runs the same program as the primary
-    cmdline: str = ""
-
-    @property
-    def memory_bytes(self) -> int:
-        return self.pages * PAGE_SIZE
-
-
-_STATES: Final = list(RunState)
-_REASONS: Final = list(ShutdownReason)
-_STATE_WORD: Final = struct.Struct("<II")
-
-
-@dataclass(frozen=True)
-class DomainState:
-    state: RunState
-    reason: ShutdownReason = ShutdownReason.NONE
-
-    def pack(self) -> bytes:
-        return _STATE_WORD.pack(_STATES.index(self.state), _REASONS.index(self.reason))
-
-    @classmethod
-    def unpack(cls, raw: bytes) -> DomainState:
-        s, r = _STATE_WORD.unpack(raw)
-        return cls(_STATES[s], _REASONS[r])
-
-
-class NoSuchDomain(LookupError):
-    pass
-
-
-class SimDomain:
-    """Handle on one domain's files. Maps memory and the dirty map lazily."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        cfg = path / "config.json"
-        if not cfg.exists():
-            raise NoSuchDomain(f"no simulated domain at {path}")
-        self.config = DomainConfig(**json.loads(cfg.read_text()))
-        self._maps: dict[str, mmap.mmap] = {}
+class SimDomain(Machine):
+    """A domain as the hypervisor and the save helper handle it (a BlockDevice too)."""
 
     @classmethod
     def create(
@@ -153,71 +124,18 @@ class SimDomain:
         return self.config.domid
 
     @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
     def pages(self) -> int:
         return self.config.pages
-
-    def _map(self, name: str, size: int) -> mmap.mmap:
-        """The shared mapping of one of the domain's files, made on first use."""
-        m = self._maps.get(name)
-        if m is None:
-            with open(self.path / name, "r+b") as f:
-                m = self._maps[name] = mmap.mmap(f.fileno(), size)
-        return m
-
-    @property
-    def memory(self) -> mmap.mmap:
-        return self._map("memory", self.config.memory_bytes)
-
-    @property
-    def dirty(self) -> mmap.mmap:
-        return self._map("dirty", self.config.pages)
-
-    @property
-    def disk_path(self) -> Path | None:
-        return Path(self.config.disk) if self.config.disk else None
-
-    @property
-    def disk_blocks(self) -> int:
-        d = self.disk_path
-        return d.stat().st_size // BLOCK_SIZE if d is not None and d.exists() else 0
-
-    def disk_dirty(self) -> mmap.mmap:
-        """The block dirty map, (re)sized to the image: a replica's image is sized late."""
-        blocks = self.disk_blocks
-        if blocks == 0:
-            raise ValueError(f"domain {self.config.name} has no disk")
-        f = self.path / "disk.dirty"
-        m = self._maps.get("disk.dirty")
-        if m is not None and len(m) == blocks:
-            return m
-        if m is not None:
-            m.close()
-            del self._maps["disk.dirty"]
-        with open(f, "ab") as fh:
-            fh.truncate(blocks)
-        return self._map("disk.dirty", blocks)
-
-    @property
-    def _state_map(self) -> mmap.mmap:
-        return self._map("state", _STATE_WORD.size)
-
-    def read_state(self) -> DomainState:
-        # one 8-byte aligned load: a writer in another process is seen whole or not at all
-        return DomainState.unpack(self._state_map[:8])
-
-    def write_state(self, state: DomainState) -> None:
-        self._state_map[:8] = state.pack()
 
     def read_vcpu(self) -> bytes:
         return (self.path / "vcpu").read_bytes()
 
     def write_vcpu(self, blob: bytes) -> None:
         _atomic_write(self.path / "vcpu", blob)
-
-    def close(self) -> None:
-        for m in self._maps.values():
-            m.close()
-        self._maps.clear()
 
 
 def domain_path(host: Path, domid: int) -> Path:

@@ -6,11 +6,13 @@
   fast resume;
 * domain configuration as libxl JSON from ``xl list -l`` (what an xl savefile
   header carries), and ``xl destroy`` so libxl tears the devices down;
-* inventory through libvirt's libxl driver (``xen:///system``) when libvirtd
-  answers and libvirt-python is installed, else xenstore and libxenctrl;
+* inventory (domain list, names, states) from libxenctrl and xenstore; this
+  backend does not use libvirt (remusd reports whether libvirt's libxl driver
+  answers, nothing more);
 * Xen's real ``libxl-save-helper`` for the primary; the secondary restores
   through ``xl migrate-receive -r`` (:mod:`~orchestrator.protection.xen_receiver`),
-  so :meth:`create_restore_target` is deliberately not ours to do.
+  so :meth:`create_restore_target` is deliberately not ours to do
+  (``Capability.TOOLSTACK_RESTORE``).
 
 Not done: the guest's suspend event channel (``device/suspend/event-channel``;
 Linux PV guests do not offer one, and evtchn through ctypes is not written), and
@@ -27,10 +29,10 @@ import os
 import shutil
 import subprocess
 import time
-from pathlib import Path
 from typing import Any, Final
 
 from .base import (
+    Capability,
     DomainInfo,
     DomainNotFound,
     Hypervisor,
@@ -122,6 +124,10 @@ def memory_bytes_of(config: dict[str, Any]) -> int:
 
 class XenHypervisor(Hypervisor):
     name = "xen"
+    # no DISK_REPLICATION (Xen's Remus needs DRBD or blktap), no MEMORY_ACCESS, no
+    # COLO (Xen ships COLO for HVM guests only), and no GUEST_NETWORK: vif_name
+    # finds a domain's vif when it has one, but its addresses are the guest's own
+    capabilities = frozenset({Capability.FENCE, Capability.TOOLSTACK_RESTORE})
 
     def __init__(self, xl: str = "xl") -> None:
         why = available()
@@ -164,12 +170,6 @@ class XenHypervisor(Hypervisor):
         except Exception as exc:
             raise HypervisorError(f"xenstore write {path}: {exc}") from exc
 
-    def xs_list(self, path: str) -> list[str]:
-        try:
-            return [bytes(x).decode() for x in self._xenstore().list(path.encode())]
-        except Exception:
-            return []
-
     # -- inventory ------------------------------------------------------------
 
     def _xl_config(self, domid: int) -> dict[str, Any]:
@@ -209,9 +209,6 @@ class XenHypervisor(Hypervisor):
             if d.domid != 0 and self.xs_read(f"{domain_path(d.domid)}/name") == name_or_domid:
                 return self._info(d)
         raise DomainNotFound(f"no domain named {name_or_domid}")
-
-    def read_config(self, domid: int) -> dict[str, Any]:
-        return self._xl_config(domid)
 
     def _xc(self, domid: int) -> XcDomainInfo:
         xc = self.xc.domain_info(domid)
@@ -297,43 +294,3 @@ class XenHypervisor(Hypervisor):
     def vif_name(self, domid: int) -> str | None:
         vif = f"vif{domid}.0"
         return vif if os.path.exists(f"/sys/class/net/{vif}") else None
-
-    # -- reporting ------------------------------------------------------------
-
-    def libvirt_status(self) -> str:
-        try:
-            import libvirt  # type: ignore[import-untyped]
-        except ImportError:
-            return "libvirt-python is not installed"
-        try:
-            conn = libvirt.open("xen:///system")
-        except Exception as exc:  # libvirt.libvirtError: no libvirtd, no libxl driver
-            return f"xen:///system unavailable: {exc}"
-        try:
-            return f"connected to xen:///system ({len(conn.listAllDomains())} domains)"
-        finally:
-            conn.close()
-
-    def host_info(self) -> dict[str, Any]:
-        from ..devices.netbuf_nfqueue import nfqueue_available
-        from ..devices.netbuf_plug import plug_available
-
-        helper = self.helper_env()["LIBXL_SAVE_HELPER"]
-        buffering = {
-            "plug": plug_available() or "available",
-            "nfqueue": nfqueue_available() or "available",
-            "proxy": "available",
-        }
-        return {
-            "backend": self.name,
-            "xen_version": self.xc.version(),
-            "save_helper": helper,
-            "save_helper_present": Path(helper).exists(),
-            "libvirt": self.libvirt_status(),
-            "xenstore": XENSTORED_SOCKET if os.path.exists(XENSTORED_SOCKET) else XENBUS,
-            "network_buffering": buffering,
-            "disk_replication": "not available (Xen's Remus needs DRBD or blktap): use -d",
-        }
-
-    def describe(self) -> str:
-        return json.dumps({"backend": self.name, "xen_version": self.xc.version()})

@@ -40,7 +40,8 @@ import time
 from pathlib import Path
 from typing import IO
 
-from ..hypervisors.base import DomainNotFound, Hypervisor, HypervisorError
+from ..hypervisors.base import DomainNotFound, HypervisorError
+from ..hypervisors.select import open_hypervisor
 
 
 class Action(enum.Enum):
@@ -110,18 +111,6 @@ class FenceGuard:
             self.proc.wait(5)
 
 
-def _hypervisor(backend: str) -> Hypervisor:
-    if backend == "xen":
-        from ..hypervisors.xen import XenHypervisor
-
-        return XenHypervisor()
-    from ..hypervisors.sim import SimHypervisor
-
-    return SimHypervisor(
-        Path(os.environ["REMUS_SIM_HOST"]) if "REMUS_SIM_HOST" in os.environ else None
-    )
-
-
 def _log(msg: str) -> None:
     print(f"remus-fence[{os.getpid()}]: {msg}", file=sys.stderr, flush=True)
 
@@ -136,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     # connect and look the domain up before waiting: once the pipe ends, the pause
     # must land well inside the secondary's heartbeat timeout, and starting a
     # hypervisor connection then took seconds under emulation
-    hv = _hypervisor(args.backend)
+    # by the name the primary's backend gave (Hypervisor.name); a simulated host
+    # comes from $REMUS_SIM_HOST, which the guard inherits
+    hv = open_hypervisor(args.backend)
     said = b""
     while chunk := os.read(0, 64):
         said = (said + chunk)[-64:]

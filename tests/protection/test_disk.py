@@ -10,15 +10,16 @@ from typing import Any
 import pytest
 
 from orchestrator.devices.disk import DiskReplica, DiskReplicaError, DiskSender
-from orchestrator.hypervisors.guestjournal import Journal, decode_record, encode_record
+from orchestrator.guest.journal import Journal, decode_record, encode_record
+from orchestrator.hypervisors.base import BLOCK_SIZE
 from orchestrator.hypervisors.sim import SimHypervisor
-from orchestrator.hypervisors.simdomain import BLOCK_SIZE
 from orchestrator.protection.remus import RemusPrimary, RemusSecondary
 from orchestrator.transport.control import (
     ControlConnection,
     ControlError,
     DiskWrites,
     Hello,
+    Role,
     encode_event,
 )
 
@@ -47,11 +48,12 @@ def test_journal_records_round_trip_and_reject_torn_slots() -> None:
 
 def test_disk_frames_round_trip_through_the_control_codec() -> None:
     frame = DiskWrites(3, 100, ((5, b"a" * 4096), (99, b"b" * 4096)), last=True)
-    conn = ControlConnection()
+    # the secondary is the side that receives DISK frames
+    conn = ControlConnection(Role.SECONDARY)
     conn.receive_data(encode_event(Hello("p")) + encode_event(frame))
     assert isinstance(conn.next_event(), Hello)
     assert conn.next_event() == frame
-    bad = ControlConnection()
+    bad = ControlConnection(Role.SECONDARY)
     beyond = DiskWrites(3, 10, ((10, b"c" * 4096),), last=True)
     bad.receive_data(encode_event(Hello("p")) + encode_event(beyond))
     bad.next_event()
@@ -134,11 +136,11 @@ async def _replicate(
     )
     p_task = asyncio.create_task(primary.run())
     s_task = asyncio.create_task(secondary.run())
-    await wait_for(lambda: primary.status.checkpoints >= 2)
+    await wait_for(lambda: primary.figures.checkpoints >= 2)
     got = await kv(info.address, [b"PUT k%d v%d" % (i, i) for i in range(writes)])
     assert set(got) == {b"OK"}
-    done = primary.status.checkpoints
-    await wait_for(lambda: primary.status.checkpoints >= done + 2)
+    done = primary.figures.checkpoints
+    await wait_for(lambda: primary.figures.checkpoints >= done + 2)
     assert primary.session is not None and primary.session.helper is not None
     primary.session.helper.process.kill()  # the primary host dies
     s_primary.close()

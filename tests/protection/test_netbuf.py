@@ -13,8 +13,10 @@ import pytest
 from orchestrator.devices.netbuf_nfqueue import NfqueueNetbuf, nfqueue_available
 from orchestrator.devices.netbuf_proxy import ProxyNetbuf
 from orchestrator.hypervisors.sim import SimHypervisor
-from orchestrator.protection.remus import Control, RemusPrimary, RemusSecondary, RemusSettings
+from orchestrator.protection.remus import RemusPrimary, RemusSecondary
+from orchestrator.protection.spec import ProtectionSpec
 from orchestrator.transport.control import Ack
+from orchestrator.transport.controlio import Control
 
 NFQUEUE_SKIP = pytest.mark.skipif(
     os.geteuid() != 0 or nfqueue_available() is not None,
@@ -38,8 +40,12 @@ def test_output_is_held_until_ack_and_released_when_replication_ends(
     if kind == "proxy":  # the unprivileged set-up: a loopback guest, clients via the proxy
         a = SimHypervisor(tmp_path / "loopA", use_netns=False)
     info = a.create_domain("web", memory_mib=16)
-    settings = RemusSettings(
-        interval=0.02, ack_timeout=1.5, heartbeat_interval=0.02, heartbeat_timeout=5.0
+    settings = ProtectionSpec(
+        "web",
+        interval_ms=20,
+        ack_timeout_ms=1500,
+        heartbeat_interval_ms=20,
+        heartbeat_timeout_ms=5000,
     )
 
     async def go() -> None:
@@ -65,7 +71,7 @@ def test_output_is_held_until_ack_and_released_when_replication_ends(
         cs.send = gated_send  # type: ignore[method-assign]
         p_task = asyncio.create_task(primary.run())
         s_task = asyncio.create_task(secondary.run())
-        while primary.status.checkpoints < 3:
+        while primary.figures.checkpoints < 3:
             await asyncio.sleep(0.01)
         if kind == "proxy":
             service = netbuf.address  # type: ignore[union-attr]

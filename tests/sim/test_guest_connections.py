@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from orchestrator.hypervisors.guestkv import PAGE, GuestKV
-from orchestrator.hypervisors.simguest import Connection, HistoryLost
+from orchestrator.guest.kv import PAGE, GuestKV
+from orchestrator.guest.simguest import Connection, HistoryLost
 
 
 class Wire:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.hypervisors.guestkv import PAGE, SLOT, BadItem, GuestKV
+from orchestrator.guest.kv import PAGE, SLOT, BadItem, GuestKV
 
 
 def store(pages: int = 64) -> tuple[bytearray, bytearray, GuestKV]:

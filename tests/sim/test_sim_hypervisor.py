@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.guest.kv import PAGE, SLOT, GuestKV
 from orchestrator.hypervisors.base import NotRunning, SuspendTimeout
-from orchestrator.hypervisors.guestkv import PAGE, SLOT, GuestKV
 from orchestrator.hypervisors.sim import SimHypervisor
 from orchestrator.hypervisors.simdomain import SimDomain, domain_path
 from orchestrator.saverestore import SaveRestoreError, restore_domain, save_domain

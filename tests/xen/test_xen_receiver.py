@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any, cast
 
 from orchestrator.hypervisors.base import DomainInfo, Hypervisor
-from orchestrator.protection.remus import Control, RemusSettings
+from orchestrator.protection.spec import ProtectionSpec
 from orchestrator.protection.xen_receiver import BANNER, XenRemusSecondary
 from orchestrator.streams import StreamType, xl
 from orchestrator.streams.errors import Layer
 from orchestrator.streams.gate import CheckpointGate, Release
 from orchestrator.streams.synth import SynthSpec, generate
-from orchestrator.transport.control import Ack, Hello
+from orchestrator.transport.control import Ack, Hello, State
+from orchestrator.transport.controlio import Control
 
 from ..conftest import join
 
@@ -86,6 +87,9 @@ async def control_pair() -> tuple[Control, Control]:
 
 async def acks(ctl: Control, into: list[int]) -> None:
     while True:
+        # as a primary would: each checkpoint is in flight once written (all are)
+        if ctl.conn.state is State.ESTABLISHED:
+            ctl.conn.checkpoint_sent(ctl.conn.sent_seq + 1)
         event: Any = await ctl.next()
         if isinstance(event, Ack):
             into.append(event.seq)
@@ -105,7 +109,7 @@ async def scenario(tmp_path: Path, max_backlog: int | None) -> tuple[list[int], 
     xl_path, go, out = fake_xl(tmp_path)
     primary_ctl, secondary_ctl = await control_pair()
     ours, theirs = socket.socketpair()
-    settings = RemusSettings(ack_timeout=10.0, heartbeat_timeout=60.0)
+    settings = ProtectionSpec("web", ack_timeout_ms=10_000, heartbeat_timeout_ms=60_000)
     sec = XenRemusSecondary(
         cast(Hypervisor, _Host()), theirs, secondary_ctl, settings, xl_path=xl_path
     )

@@ -1,5 +1,5 @@
 """The simulated guest: one process per running domain, serving a key-value store
-that lives entirely in the domain's memory (``guestkv``).
+that lives entirely in the domain's memory (``guest.kv``).
 
 Protocol (TCP, one request per line): ``PUT key value`` -> ``OK`` once the
 write is in the disk journal (when the domain has a disk) and in guest
@@ -20,7 +20,7 @@ answers ``s``. ``R`` resumes the same guest (suspend cancelled) -> ``r``.
 A restored domain starts a fresh process of this program, which attaches to
 the restored memory and carries on from the state it finds.
 
-    python -m orchestrator.hypervisors.simguest DOMAIN_DIR [--listen HOST:PORT] [--dirty-rate N]
+    python -m orchestrator.guest.simguest DOMAIN_DIR [--listen HOST:PORT] [--dirty-rate N]
 """
 
 from __future__ import annotations
@@ -36,12 +36,9 @@ import sys
 from pathlib import Path
 from typing import Final
 
-from .guestjournal import BLOCK, Journal
-from .guestkv import BadItem, GuestKV, StoreFull
-from .simdomain import DomainState, RunState, ShutdownReason, SimDomain
-
-EVTCHN = "evtchn.sock"
-
+from .journal import Journal
+from .kv import BadItem, GuestKV, StoreFull
+from .machine import BLOCK_SIZE, EVTCHN, DomainState, Machine, RunState, ShutdownReason
 
 HISTORY: Final = 1 << 20  # input kept below the consumed position, for replay
 
@@ -124,7 +121,7 @@ class Connection:
 
 
 class Guest:
-    def __init__(self, dom: SimDomain, dirty_rate: int, nondeterministic: int = 0) -> None:
+    def __init__(self, dom: Machine, dirty_rate: int, nondeterministic: int = 0) -> None:
         self.dom = dom
         self.kv = GuestKV(memoryview(dom.memory), memoryview(dom.dirty))
         self.kv.conn_forget_all()
@@ -144,7 +141,7 @@ class Guest:
     def _disk_write(self, offset: int, data: bytes) -> None:
         # the block backend's view: the write reaches the image, then the block is marked
         os.pwrite(self._disk_fd, data, offset)
-        first, last = offset // BLOCK, (offset + len(data) - 1) // BLOCK
+        first, last = offset // BLOCK_SIZE, (offset + len(data) - 1) // BLOCK_SIZE
         self._disk_dirty[first : last + 1] = b"\x01" * (last - first + 1)
 
     def _disk_read(self, offset: int, length: int) -> bytes:
@@ -276,7 +273,7 @@ def parse_cmdline(cmdline: str) -> dict[str, str]:
 
 
 async def run(domdir: Path, listen: str, dirty_rate: int, cmdline: str = "") -> None:
-    dom = SimDomain(domdir)
+    dom = Machine(domdir)
     options = parse_cmdline(cmdline)
     guest = Guest(dom, dirty_rate, int(options.get("nondeterministic", "0")))
     host, _, port = listen.rpartition(":")

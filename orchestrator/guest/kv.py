@@ -10,12 +10,12 @@ mark before copying the page never loses a write.
 Layout (little-endian):
   page 0: magic "RKV1", u32 version, u64 slots, u64 keys, u64 generation,
           u64 journal sequence (the last record the service wrote to its disk
-          journal, ``guestjournal``: memory and disk agree on it after a checkpoint);
+          journal, ``guest.journal``: memory and disk agree on it after a checkpoint);
           from byte 64, the connection table: entries of u16 client port, u16
           service port, u32 used, u64 bytes consumed, u64 bytes produced. A real
           guest's TCP positions live in its kernel, in guest memory, so a
           checkpoint carries them; this is that part of the simulated guest's
-          "kernel" (see ``simguest``: a COLO secondary realigns on them)
+          "kernel" (see ``guest.simguest``: a COLO secondary realigns on them)
   pages 1..: slots of 256 bytes: u16 key length, u16 value length, u32 used,
              then key and value bytes (together at most 248)
   the last 1/16 of memory: scratch pages the service dirties on demand

@@ -1,0 +1,87 @@
+"""Simulated guests' addresses never route off the machine.
+
+Before the pool moved to 198.18.0.0/15, a destroyed guest's 10.x address
+followed the default route out: `ip route get` went via the gateway and a
+probe got an answer from something outside.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.hypervisors.sim import ADDRESS_POOL, LINKS_PER_HOST, SimHypervisor
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("ip") is None,
+    reason="guests get network namespaces and the pool its route only as root with iproute2",
+)
+
+
+def route_get(address: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", "route", "get", address], capture_output=True, text=True)
+
+
+def test_every_link_is_inside_the_pool(tmp_path: Path) -> None:
+    # pure arithmetic: no namespaces are made
+    hosts = [SimHypervisor(tmp_path / f"h{i}", use_netns=False) for i in range(8)]
+    links: set[str] = set()
+    for hv in hosts:
+        for domid in range(1, LINKS_PER_HOST + 1):
+            _, _, host_ip, guest_ip = hv._netns(domid)
+            net = ipaddress.IPv4Network(f"{host_ip}/30", strict=False)
+            assert net.subnet_of(ADDRESS_POOL)
+            assert ipaddress.IPv4Address(guest_ip) in net
+            links.add(str(net))
+    # one host's LINKS_PER_HOST consecutive domids never share a link
+    assert len({hosts[0]._netns(d)[2] for d in range(1, LINKS_PER_HOST + 1)}) == LINKS_PER_HOST
+
+
+@needs_root
+def test_a_destroyed_guests_address_is_unreachable_not_routed_away(tmp_path: Path) -> None:
+    hv = SimHypervisor(tmp_path / "pool")
+    assert hv.use_netns
+    shown = subprocess.run(
+        ["ip", "route", "show", "exact", str(ADDRESS_POOL)], capture_output=True, text=True
+    ).stdout
+    assert shown.startswith("unreachable"), shown
+
+    info = hv.create_domain("gone", memory_mib=8, disk_mib=0)
+    try:
+        address = info.address.rsplit(":", 1)[0]
+        assert ipaddress.IPv4Address(address) in ADDRESS_POOL
+        live = route_get(address)
+        # the live guest's /30 is more specific than the pool's unreachable route
+        assert live.returncode == 0 and f"dev {hv.vif_name(info.domid)}" in live.stdout
+        assert " via " not in live.stdout
+    finally:
+        hv.destroy(info.domid)
+
+    dead = route_get(address)
+    assert " via " not in dead.stdout + dead.stderr, dead.stdout
+    assert dead.returncode != 0 and "No route to host" in dead.stderr, (dead.stdout, dead.stderr)
+    # and a client fails at once rather than after a timeout
+    started = time.monotonic()
+    with pytest.raises(OSError) as exc, socket.socket() as s:
+        s.settimeout(5)
+        s.connect((address, int(info.address.rsplit(":", 1)[1])))
+    assert exc.value.errno == errno.EHOSTUNREACH
+    assert time.monotonic() - started < 1
+
+
+@needs_root
+def test_the_route_is_installed_idempotently(tmp_path: Path) -> None:
+    SimHypervisor(tmp_path / "one")
+    SimHypervisor(tmp_path / "two")
+    shown = subprocess.run(
+        ["ip", "route", "show", "exact", str(ADDRESS_POOL)], capture_output=True, text=True
+    ).stdout.splitlines()
+    assert [line.strip() for line in shown] == [f"unreachable {ADDRESS_POOL}"]
