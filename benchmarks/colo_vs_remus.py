@@ -229,7 +229,7 @@ def main() -> int:
         for n in (0, 1000, 100, 20, 5, 2):
             name = f"nd{n}"
             info = a.create_domain(name, memory_mib=16, nondeterministic=n)
-            with protected(a, b, name, "colo", ("--checkpoint-max-interval", "5")):
+            with protected(a, b, name, "colo", ("--checkpoint-max-interval", "5000")):
                 c = Client(info.address)
                 c0 = int(status(a.host).get("checkpoints") or 0)  # type: ignore[call-overload]
                 lat, t0 = [], time.perf_counter()

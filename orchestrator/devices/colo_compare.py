@@ -270,17 +270,27 @@ class OutputComparer:
     Memory stays bounded over months of connections: a connection is
     forgotten once its FIN is decided or its RST released (a small tombstone
     lets the last ACKs and retransmitted FINs through at once), or after
-    ``idle_timeout`` without packets and with nothing held.
+    ``idle_timeout`` without packets and with nothing held, and the least
+    recently active one is forgotten when a new one would make more than
+    ``max_conns`` (a SYN flood, clients that vanish without FIN or RST): its
+    later packets are then held until a checkpoint, Remus's rule, which is
+    slower but always safe.
     """
 
     TOMBSTONES: Final = 4096
 
     def __init__(
-        self, hold_bound: float, max_buffer: int = 1 << 20, *, idle_timeout: float = 7200.0
+        self,
+        hold_bound: float,
+        max_buffer: int = 1 << 20,
+        *,
+        idle_timeout: float = 7200.0,
+        max_conns: int = 16384,  # QEMU's colo-compare bounds its table at 16384 too
     ) -> None:
         self.hold_bound = hold_bound
         self.max_buffer = max_buffer
         self.idle_timeout = idle_timeout
+        self.max_conns = max_conns
         self.comparing = False
         # counters
         self.compared_packets = 0
@@ -290,6 +300,7 @@ class OutputComparer:
         self.released_on_match = 0
         self.released_at_checkpoint = 0
         self.dropped_secondary_bytes = 0
+        self.evicted_connections = 0  # forgotten to stay within max_conns
         # how long each packet released on a match waited for the secondary's
         # bytes: COLO's latency cost over unprotected, per packet
         self.match_waits: deque[float] = deque(maxlen=RECENT_WAITS)
@@ -485,6 +496,9 @@ class OutputComparer:
             primary=_Stream(start),
             secondary=_Stream(start),
         )
+        while len(self._conns) > self.max_conns:
+            self._forget(next(iter(self._conns.values())), tombstone=False)
+            self.evicted_connections += 1
         out.append(Release(handle))
         self.released_at_once += 1
 
@@ -651,6 +665,7 @@ class _RConn:
     shift: int = 0
     close: _Close = _Close.OPEN
     pending: list[bytes] = field(default_factory=list)
+    last_used: float | None = None  # the last tick() before its last mirrored packet
 
 
 class Rewriter:
@@ -662,6 +677,13 @@ class Rewriter:
     give the ISN and TSval offsets that the client's ACK numbers, SACK
     blocks and TSecr need; packets that arrive before both are known wait
     (at most ``max_pending`` per connection).
+
+    Memory stays bounded: a connection is forgotten after its FINs and last
+    ACK or an RST, after ``idle_timeout`` without a mirrored packet (as the
+    comparer forgets it), and the least recently used one past
+    ``max_conns``; primary SYN-ACKs waiting for their mirrored SYN, a race
+    of a round trip, at most ``max_early``. Time comes in through
+    :meth:`tick` only, which the adapter calls at each checkpoint.
     """
 
     def __init__(
@@ -671,7 +693,9 @@ class Rewriter:
         mtu: int = 1500,
         *,
         max_pending: int = 64,
-        max_conns: int = 65536,
+        max_conns: int = 16384,  # as the comparer (and QEMU's filter-rewriter)
+        max_early: int = 1024,
+        idle_timeout: float = 7200.0,
     ) -> None:
         if len(guest_ip) != 4 or len(host_ip) != 4:
             raise ValueError("guest_ip and host_ip must be 4-byte IPv4 addresses")
@@ -680,11 +704,15 @@ class Rewriter:
         self.mtu = mtu
         self.max_pending = max_pending
         self.max_conns = max_conns
+        self.max_early = max_early
+        self.idle_timeout = idle_timeout
         self.injected = 0
         self.reported_bytes = 0
         self.dropped_unknown = 0
         self.dropped_pending = 0
         self.dropped_malformed = 0
+        self.expired_connections = 0  # idle, or evicted past max_conns
+        self._now: float | None = None  # the last tick's time; None before the first
         self._conns: OrderedDict[ConnKey, _RConn] = OrderedDict()  # least recently used first
         # primary SYN-ACKs that came before the mirrored SYN
         self._early: OrderedDict[ConnKey, _Isn] = OrderedDict()
@@ -706,7 +734,7 @@ class Rewriter:
             # on the same ports, whose SYN restarts the state when it comes)
             self._early[key] = info
             self._early.move_to_end(key)
-            while len(self._early) > self.max_conns:
+            while len(self._early) > self.max_early:
                 self._early.popitem(last=False)
             return []
         if conn.primary is not None:
@@ -790,13 +818,32 @@ class Rewriter:
         sent = (conn.secondary_next - conn.secondary.isn - 1) % _MOD32
         conn.shift = (sent - primary_end) % _MOD32
 
+    def tick(self, now: float) -> None:
+        """Forget connections without a mirrored packet for ``idle_timeout``."""
+        if self._now is None:
+            # the first tick: what came before it was used "now", not at time 0
+            for conn in self._conns.values():
+                conn.last_used = now
+        self._now = now
+        while self._conns:
+            conn = next(iter(self._conns.values()))  # the least recently used
+            used = now if conn.last_used is None else conn.last_used
+            if now - used <= self.idle_timeout:
+                return
+            self._conns.popitem(last=False)
+            self.dropped_pending += len(conn.pending)
+            self.expired_connections += 1
+
     # -- internals --------------------------------------------------------------------
 
     def _touch(self, key: ConnKey) -> None:
+        conn = self._conns[key]
+        conn.last_used = self._now
         self._conns.move_to_end(key)
         while len(self._conns) > self.max_conns:
             _, evicted = self._conns.popitem(last=False)
             self.dropped_pending += len(evicted.pending)
+            self.expired_connections += 1
 
     def _inject(self, packet: bytes) -> list[RewriterAction]:
         pieces = segment(packet, self.mtu)

@@ -61,6 +61,11 @@ ETH_P_ALL: Final = 0x0003  # the kernel shows a tap outgoing frames only with th
 ETH_HLEN: Final = 14
 PACKET_OUTGOING: Final = 4  # linux/if_packet.h: sent by this host
 MAX_WAITING_REPORTS: Final = 100_000
+# Primary packets taken from NFQUEUE while a checkpoint is under way: the guest
+# runs again before the secondary has loaded it, and a stalled secondary must
+# not grow us. Past it a packet is dropped, which TCP takes for a loss and
+# retransmits; about what the kernel's own NFQUEUE queue holds by default.
+MAX_AFTER_MARK: Final = 1024
 
 
 def _wait_figures(waits: deque[float]) -> dict[str, float | None]:
@@ -94,11 +99,14 @@ class ColoNetPrimary:
         self.mirrored = 0
         self.mirrored_bytes = 0
         self.stale_reports = 0
+        self.dropped_after_mark = 0
+        self.dropped_early_reports = 0
         self._queue = PacketQueue(["INPUT", "-i", vif], _queue_number(vif, 2000), self._on_output)
         self._tap: socket.socket | None = None
         self._marked = False  # suspended for a checkpoint that is not done yet
         self._after_mark: deque[tuple[Any, bytes]] = deque()
         self._early: deque[SvmOutput] = deque()  # tagged with a checkpoint not yet taken
+        self._early_bytes = 0
         self._ticker: asyncio.Task[None] | None = None
 
     # -- set-up and teardown --------------------------------------------------------
@@ -159,6 +167,10 @@ class ColoNetPrimary:
             (cport, gport), isn, tsval = info
             self._send(ConnInfo(cport, gport, isn, tsval or 0))
         if self._marked:
+            if len(self._after_mark) >= MAX_AFTER_MARK:
+                pkt.drop()
+                self.dropped_after_mark += 1
+                return
             self._after_mark.append((pkt, data))
             return
         self._act(self.comparer.primary_packet(pkt, data, time.monotonic()))
@@ -168,8 +180,17 @@ class ColoNetPrimary:
             self.stale_reports += 1
             return
         if report.epoch > self.epoch:
-            if len(self._early) < MAX_WAITING_REPORTS:
+            # the comparer would hold no more than max_buffer of them either; one
+            # dropped means no match for those bytes, so a checkpoint, never a wrong one
+            size = len(report.payload)
+            if (
+                len(self._early) < MAX_WAITING_REPORTS
+                and self._early_bytes + size <= self.comparer.max_buffer
+            ):
                 self._early.append(report)
+                self._early_bytes += size
+            else:
+                self.dropped_early_reports += 1
             return
         key = (report.client_port, report.guest_port)
         self._act(
@@ -215,6 +236,7 @@ class ColoNetPrimary:
             handle, data = self._after_mark.popleft()
             self._act(self.comparer.primary_packet(handle, data, now))
         early, self._early = self._early, deque()
+        self._early_bytes = 0
         for report in early:
             self.secondary_output(report)
 
@@ -312,6 +334,9 @@ class ColoNetSecondary:
             for cport, gport, end in sync.ends:
                 self.rewriter.realign((cport, gport), end)
         self.epoch = seq
+        # COLO checkpoints at least every checkpoint_max_interval: often enough a
+        # clock for an idle timeout of hours
+        self.rewriter.tick(time.monotonic())
 
     async def teardown(self) -> None:
         """Failover (or the end): our copy's output flows from now on."""

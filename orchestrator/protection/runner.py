@@ -27,6 +27,7 @@ from ..devices.netbuf_plug import PlugNetbuf, plug_available
 from ..devices.netbuf_proxy import ProxyNetbuf
 from ..hypervisors.base import Capability, DomainInfo, Hypervisor
 from ..transport.channels import Listener, connect, parse_addr
+from ..transport.control import Role as Side
 from ..transport.controlio import Control
 from ..transport.stdio import CommandLink, open_command, open_stdio
 from .colo import ColoPrimary, ColoSecondary
@@ -264,6 +265,7 @@ async def run_secondary_on(
     from the primary's HELLO.
     """
     secondary: Secondary
+    ctl.set_role(Side.SECONDARY)  # before the HELLO: the codec's rules are per side
     peer = await ctl.receive_hello(spec.ack_timeout_s)
     mode = Mode.COLO if "colo" in peer.capabilities else Mode.REMUS
     if mode is Mode.COLO:

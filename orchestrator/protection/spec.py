@@ -386,7 +386,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, exclude: tuple[str, ...] =
             continue
         d = _default(f)
         shown = d.value if isinstance(d, Enum) else d
-        text = f"{f.help} (default {shown}{' ' + f.unit if f.unit else ''})"
+        text = f.help
+        if f.kind is not bool and shown != "":  # a switch is off unless given
+            text += f" (default {shown}{' ' + f.unit if f.unit else ''})"
         if f.kind is bool:
             parser.add_argument(
                 *f.flags, dest=f.name, action="store_const", const=True, default=None, help=text

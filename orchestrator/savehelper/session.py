@@ -16,13 +16,16 @@ import contextlib
 import logging
 import os
 import signal
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Final
 
+from .bounded import Retained
 from .messages import (
     DEFAULT_TABLE,
+    XTL_ERROR,
     XTL_LEVELS,
     Message,
     MessageSpec,
@@ -60,6 +63,26 @@ _LEVELS: Final = {
     8: logging.ERROR,
     9: logging.CRITICAL,
 }
+
+
+# What a result keeps of a run that may last months (a Remus save helper lives as
+# long as its protection and adds about three trace entries per checkpoint):
+# the start and the recent past. Trace entries are small tuples of interned
+# names and cached ints, log records a line of text each: together well under
+# a megabyte at these sizes, however long the run.
+TRACE_HEAD: Final = 64  # the start-up callbacks (static_data_done, the first checkpoints)
+TRACE_TAIL: Final = 1024  # the last ~340 checkpoints' callbacks
+LOG_HEAD: Final = 64  # start-up lines: a helper that cannot start says why here
+LOG_TAIL: Final = 256
+LOG_ERRORS: Final = 32  # error lines kept past the head: callers report the first one
+FRAMES_HEAD: Final = 256  # raw frames, only with record_frames (tests, debugging)
+FRAMES_TAIL: Final = 256
+# stderr is free text from a C program: a libxc assert comes last, so most
+# of the bound goes to the tail
+STDERR_HEAD: Final = 16 << 10
+STDERR_TAIL: Final = 48 << 10
+
+TraceEntry = tuple[str, tuple[int | str, ...], int | None]
 
 
 @dataclass
@@ -118,6 +141,10 @@ class LogRecord:
         return XTL_LEVELS[self.level] if 0 <= self.level < len(XTL_LEVELS) else str(self.level)
 
 
+def _is_error(rec: LogRecord) -> bool:
+    return rec.level >= XTL_ERROR
+
+
 class Failure(Enum):
     EXIT_STATUS = "exited with an unexpected status"
     STDIN_CLOSED = "exited 254: its stdin closed or a reply read failed"
@@ -139,10 +166,26 @@ class HelperResult:
     errnoval: int | None = None
     restore_results: tuple[int, int] | None = None
     restore_results_seen: int = 0
-    trace: list[tuple[str, tuple[int | str, ...], int | None]] = field(default_factory=list)
-    logs: list[LogRecord] = field(default_factory=list)
-    frames: list[bytes] = field(default_factory=list)  # raw, when record_frames is set
-    stderr: str = ""
+    # (name, args, reply): the first and the latest callbacks, complete and restore_results
+    trace: Retained[TraceEntry] = field(
+        default_factory=lambda: Retained(head=TRACE_HEAD, tail=TRACE_TAIL)
+    )
+    # every trace entry ever, per name: the trace itself forgets the middle of a long run
+    counts: Counter[str] = field(default_factory=Counter)
+    logs: Retained[LogRecord] = field(
+        default_factory=lambda: Retained(
+            head=LOG_HEAD, tail=LOG_TAIL, pinned=LOG_ERRORS, pin=_is_error
+        )
+    )
+    # raw, when record_frames is set
+    frames: Retained[bytes] = field(
+        default_factory=lambda: Retained(head=FRAMES_HEAD, tail=FRAMES_TAIL)
+    )
+    stderr: str = ""  # its first STDERR_HEAD and last STDERR_TAIL bytes
+
+    def record(self, name: str, args: tuple[int | str, ...], reply: int | None) -> None:
+        self.trace.append((name, args, reply))
+        self.counts[name] += 1
 
     @property
     def ok(self) -> bool:
@@ -150,7 +193,8 @@ class HelperResult:
         return self.retval == 0
 
     def callbacks(self) -> list[str]:
-        """The callback/frame sequence without log and progress noise."""
+        """The callback/frame sequence without log and progress noise, as far as the
+        trace keeps it (``counts`` has the totals of a long run)."""
         return [name for name, _, _ in self.trace]
 
 
@@ -274,12 +318,20 @@ class HelperSession:
 
     async def _drain_stderr(self) -> None:
         assert self.helper is not None and self.helper.process.stderr is not None
-        chunks = []
+        head, tail = bytearray(), bytearray()
+        total = 0
         while data := await self.helper.process.stderr.read(65536):
-            chunks.append(data)
+            total += len(data)
+            room = STDERR_HEAD - len(head)
+            head += data[:room]
+            tail += data[room:] if room > 0 else data
+            if len(tail) > STDERR_TAIL:
+                del tail[: len(tail) - STDERR_TAIL]
             for line in data.decode(errors="replace").splitlines():
                 self.log.warning("helper stderr: %s", line)
-        self.result.stderr = b"".join(chunks).decode(errors="replace")
+        gap = total - len(head) - len(tail)
+        cut = f"\n[... {gap} bytes of stderr not kept ...]\n".encode() if gap else b""
+        self.result.stderr = bytes(head + cut + tail).decode(errors="replace")
 
     def _write_reply(self, data: bytes) -> None:
         assert self.helper is not None
@@ -358,7 +410,7 @@ class HelperSession:
             timer = loop.call_later(bound, task.cancel)
             try:
                 reply: int | None = int(await pending)
-                self.result.trace.append((msg.name, msg.args, reply))
+                self.result.record(msg.name, msg.args, reply)
             except asyncio.CancelledError:
                 if timer.cancelled() or loop.time() < timer.when():
                     raise  # cancelled from outside, not our bound
@@ -366,7 +418,7 @@ class HelperSession:
                     Failure.CALLBACK_TIMEOUT,
                     f"{msg.name} gave no answer in {bound:g} s",
                 )
-                self.result.trace.append((msg.name, msg.args, None))
+                self.result.record(msg.name, msg.args, None)
                 reply = None
             except Exception as exc:
                 reply = self._callback_failed(msg, exc)
@@ -414,7 +466,7 @@ class HelperSession:
             assert isinstance(store, int) and isinstance(console, int)
             self.result.restore_results = (store, console)
             self.result.restore_results_seen += 1
-            self.result.trace.append((name, msg.args, None))
+            self.result.record(name, msg.args, None)
             if self.on_restore_results:
                 self.on_restore_results(store, console)
             return None
@@ -423,12 +475,12 @@ class HelperSession:
             assert isinstance(retval, int) and isinstance(errnoval, int)
             self.result.retval, self.result.errnoval = retval, errnoval
             self._complete = True
-            self.result.trace.append((name, msg.args, 0))
+            self.result.record(name, msg.args, 0)
             return 0
         cb = self.callbacks.get(name)
         if cb is None:
             self._failure = (Failure.CALLBACK_MISSING, name)
-            self.result.trace.append((name, msg.args, None))
+            self.result.record(name, msg.args, None)
             return None
         try:
             reply = cb(*msg.args)
@@ -436,14 +488,14 @@ class HelperSession:
             return self._callback_failed(msg, exc)
         if isinstance(reply, Awaitable):
             return reply
-        self.result.trace.append((name, msg.args, int(reply)))
+        self.result.record(name, msg.args, int(reply))
         return int(reply)
 
     def _callback_failed(self, msg: Message, exc: Exception) -> int:
         """A failing callback is answered as libxl answers its own failures."""
         reply = FAILURE_REPLY[msg.name]
         self.log.error("callback %s failed: %s; answering %d", msg.name, exc, reply)
-        self.result.trace.append((msg.name, msg.args, reply))
+        self.result.record(msg.name, msg.args, reply)
         return reply
 
     def _conclude(self, status: int) -> HelperResult:

@@ -362,6 +362,8 @@ class ControlConnection:
         self._offset = 0  # stream offset of _buf[0]
 
     def set_role(self, role: Role) -> None:
+        if role is self.role:
+            return
         if self.state is not State.AWAIT_HELLO:
             raise ControlError(self._offset, "role", "fixed once the connection is established")
         self.role = role

@@ -20,7 +20,7 @@ half-close: the other channel carries on), so that "the stream ended" and
 "the control connection closed" stay distinct as they are over TCP. The
 secondary never sends on channel 1.
 
-The helper must still see an ordinary fd, and :class:`..protection.remus.Control`
+The helper must still see an ordinary fd, and :class:`.controlio.Control`
 an ordinary asyncio stream, so each side puts a ``socket.socketpair()`` per
 channel between its users and the pipe, and pump threads move bytes between
 the socketpairs and the pipes (blocking I/O in threads: simple, and the GIL
@@ -85,7 +85,8 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Final, NoReturn
 
-from ..protection.remus import Control
+from .control import Role
+from .controlio import Control
 
 log = logging.getLogger(__name__)
 
@@ -666,4 +667,5 @@ async def open_stdio(
     link._cleanup += cleanup
     link._start()
     reader, writer = await asyncio.open_connection(sock=c_user)
-    return stream, Control(reader, writer), link
+    # `receive --stdio` is the secondary of its protection
+    return stream, Control(reader, writer, Role.SECONDARY), link

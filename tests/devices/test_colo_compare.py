@@ -763,3 +763,69 @@ def test_end_to_end_random_segmentation(
     assert got == handles[: len(got)]
     rest = released(comparer.checkpoint_done())
     assert got + rest == handles
+
+
+# -- memory bounds over a long run --------------------------------------------------------
+
+
+def test_comparer_connection_table_is_capped_least_recently_active_first() -> None:
+    c = OutputComparer(1.0, max_conns=8)
+    c.comparing = True
+    for i in range(100):
+        c.primary_packet(f"sa{i}", syn_ack(key=(50000 + i, GPORT)), float(i))
+    assert c.connections == 8 and c.evicted_connections == 92
+    # the newest are the ones kept, and they still compare
+    newest = (50099, GPORT)
+    data = ip.build_tcp(
+        src=GUEST, dst=CLIENT, sport=GPORT, dport=newest[0], seq=P_ISN + 1, ack=1,
+        flags=ip.ACK | ip.PSH, payload=b"hi",
+    )  # fmt: skip
+    c.primary_packet("d", data, 100.0)
+    assert released(c.secondary_output(newest, 0, b"hi", 100.0)) == ["d"]
+    # an evicted one's output waits for the checkpoint (Remus's rule), never lost
+    old = ip.build_tcp(
+        src=GUEST, dst=CLIENT, sport=GPORT, dport=50000, seq=P_ISN + 1, ack=1,
+        flags=ip.ACK | ip.PSH, payload=b"late",
+    )  # fmt: skip
+    assert c.primary_packet("old", old, 101.0) == []
+    assert released(c.checkpoint_done()) == ["old"]
+
+
+def _syn(cport: int) -> bytes:
+    return ip.build_tcp(
+        src=CLIENT, dst=GUEST, sport=cport, dport=GPORT, seq=C_ISN, flags=ip.SYN,
+    )  # fmt: skip
+
+
+def test_rewriter_connection_table_is_capped() -> None:
+    r = Rewriter(SGUEST, HOST, max_conns=8)
+    for i in range(100):
+        r.mirrored(_syn(50000 + i))
+    assert r.connections == 8 and r.expired_connections == 92
+
+
+def test_rewriter_forgets_idle_connections_on_tick() -> None:
+    r = Rewriter(SGUEST, HOST, idle_timeout=60.0)
+    r.mirrored(_syn(50000))  # before the first tick: used "now" at that tick
+    r.tick(1000.0)
+    assert r.connections == 1
+    r.tick(1030.0)
+    r.mirrored(_syn(50001))  # stamped 1030
+    r.tick(1061.0)
+    assert r.connections == 1 and r.expired_connections == 1
+    r.tick(1091.0)
+    assert r.connections == 0 and r.expired_connections == 2
+    ack = ip.build_tcp(
+        src=CLIENT, dst=GUEST, sport=50000, dport=GPORT, seq=C_ISN + 1, ack=1, flags=ip.ACK,
+    )  # fmt: skip
+    assert r.mirrored(ack) == [] and r.dropped_unknown == 1
+
+
+def test_rewriter_early_syn_acks_are_capped() -> None:
+    r = Rewriter(SGUEST, HOST, max_early=4)
+    for i in range(50):
+        r.primary_syn_ack((50000 + i, GPORT), P_ISN, None)
+    assert len(r._early) == 4
+    # the newest still pairs with its SYN
+    r.mirrored(_syn(50049))
+    assert r._conns[(50049, GPORT)].primary is not None

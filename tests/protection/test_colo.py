@@ -199,7 +199,7 @@ def test_colo_from_the_cli_primary_killed_secondary_already_serving(
                 "--to",
                 f"127.0.0.1:{port}",
                 "--checkpoint-max-interval",
-                "0.1",
+                "100",
                 "--verify-memory",
             ),
             stderr=subprocess.PIPE,

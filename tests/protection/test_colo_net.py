@@ -23,7 +23,8 @@ import pytest
 
 from orchestrator.devices.netbuf_nfqueue import nfqueue_available
 from orchestrator.hypervisors.sim import SimHypervisor, have_netns
-from orchestrator.protection.colo import ColoPrimary, ColoSecondary, ColoSettings
+from orchestrator.protection.colo import ColoPrimary, ColoSecondary
+from orchestrator.protection.spec import Mode, ProtectionSpec
 
 from .test_cli_remus import remusctl, start_receiver
 from .test_remus_loop import pair, wait_for
@@ -34,14 +35,16 @@ pytestmark = pytest.mark.skipif(
     f"({nfqueue_available() or 'root and ip'})",
 )
 
-SETTINGS = ColoSettings(
-    interval=0.05,
-    ack_timeout=5.0,
-    heartbeat_interval=0.02,
-    heartbeat_timeout=0.5,
-    checkpoint_max_interval=30.0,
+SETTINGS = ProtectionSpec(
+    "web",
+    mode=Mode.COLO,
+    interval_ms=50,
+    ack_timeout_ms=5000,
+    heartbeat_interval_ms=20,
+    heartbeat_timeout_ms=500,
+    checkpoint_max_interval_ms=30_000,
     verify_memory=True,
-    compare_timeout=0.1,
+    compare_timeout_ms=100,
 )
 
 
@@ -59,7 +62,7 @@ async def session(address: str, lines: list[bytes]) -> list[bytes]:
 
 
 async def colo(
-    a: SimHypervisor, b: SimHypervisor, name: str, settings: ColoSettings
+    a: SimHypervisor, b: SimHypervisor, name: str, settings: ProtectionSpec
 ) -> tuple[ColoPrimary, ColoSecondary, asyncio.Task[object], asyncio.Task[object]]:
     s_p, s_s = socket.socketpair()
     c_p, c_s = await pair()
@@ -68,7 +71,7 @@ async def colo(
     secondary = ColoSecondary(b, s_s, c_s, settings, name=name)
     p_task: asyncio.Task[object] = asyncio.create_task(primary.run())
     s_task: asyncio.Task[object] = asyncio.create_task(secondary.run())
-    await wait_for(lambda: primary.status.checkpoints >= 1)
+    await wait_for(lambda: primary.figures.checkpoints >= 1)
     return primary, secondary, p_task, s_task
 
 
@@ -100,10 +103,11 @@ def test_deterministic_workload_needs_no_checkpoint_and_replies_at_once(
         net = primary.net
         assert net is not None
         fig = net.figures()
-        st = primary.status
+        st, cf = primary.figures, primary.colo
         print(f"\ndeterministic: {fig}, checkpoints {st.checkpoints}")
         assert st.checkpoints == 1, "a deterministic workload needed a checkpoint"
-        assert st.by_divergence == 0 and st.by_held == 0 and fig["mismatches"] == 0
+        assert cf.checkpoints_by_divergence == 0 and cf.checkpoints_by_held_output == 0
+        assert fig["mismatches"] == 0
         assert fig["compared_packets"] >= 244 and fig["matched_bytes"] >= 244 * 3
         assert fig["mirrored_packets"] > 0
         assert secondary.net is not None and secondary.net.figures()["reported_bytes"] > 0
@@ -133,13 +137,14 @@ def test_nondeterministic_replies_cause_checkpoints_and_clients_see_only_the_pri
         )
         seen = {r.split()[1].decode() for rs in replies for r in rs if r != b"OK"}
         assert all(r.startswith(b"OK") for rs in replies for r in rs)
-        st = primary.status
+        st, cf = primary.figures, primary.colo
         print(
-            f"\nnondeterministic 1/4: {st.checkpoints} checkpoints ({st.by_divergence} "
-            f"divergence, {st.by_held} held), {len(seen)} tokens seen"
+            f"\nnondeterministic 1/4: {st.checkpoints} checkpoints "
+            f"({cf.checkpoints_by_divergence} divergence, {cf.checkpoints_by_held_output} "
+            f"held), {len(seen)} tokens seen"
         )
-        assert st.by_divergence >= 1, "divergent replies caused no checkpoint"
-        assert st.memory_verified == st.checkpoints
+        assert (cf.checkpoints_by_divergence or 0) >= 1, "divergent replies caused no checkpoint"
+        assert cf.memory_verified == st.checkpoints
         mine, theirs = _tokens(a, "web"), _tokens(b, "web")
         assert seen, "no nondeterministic reply in 120"
         assert seen <= mine, "a client saw a token the primary never produced"
@@ -229,7 +234,7 @@ def test_kill_the_primary_at_a_random_moment_no_acknowledged_write_lost(
                     "--to",
                     f"127.0.0.1:{port}",
                     "--checkpoint-max-interval",
-                    "0.5",
+                    "500",
                 ),
                 stderr=subprocess.DEVNULL,
             )
@@ -292,8 +297,8 @@ def test_forced_failover_lets_the_secondary_copy_out(
         assert await session(info.address, [b"PUT kept yes"]) == [b"OK"]
         secondary.force_failover()
         out = await asyncio.wait_for(s_task, 20)
-        assert secondary.status.state == "failed-over"
-        assert "forced" in secondary.status.reason
+        assert secondary.figures.state == "failed-over"
+        assert "forced" in secondary.figures.reason
         assert await session(out.address, [b"GET kept"]) == [b"VALUE yes"]
         assert secondary.net is not None and not secondary.net.filtering
         status = await asyncio.wait_for(p_task, 30)
