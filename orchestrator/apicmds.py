@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .protection.spec import FIELDS, ProtectionSpec
 from .service.client import DEFAULT_SOCKET, ApiClient, ApiClientError, ClientError
 
 STATUS_COLUMNS = (
@@ -30,7 +31,7 @@ STATUS_COLUMNS = (
     "mode",
     "state",
     "checkpoints",
-    "last_checkpoint_age",
+    "last_checkpoint_age_s",
     "pause_ms_p50",
     "ack_lag_ms_p50",
     "dirty_pages_p50",
@@ -75,10 +76,18 @@ COLO_COLUMNS = (
 )
 
 
+def _row(r: dict[str, Any]) -> dict[str, Any]:
+    """A status (``ProtectionStatus.to_dict()``, or an API protection with its live status
+    on top) as the table shows it: COLO's figures beside the others, and the age of the
+    last checkpoint now rather than the time it was taken."""
+    at = r.get("last_checkpoint_at")
+    age = None if at is None else round(max(0.0, time.time() - float(at)), 3)
+    return {**(r.get("colo") or {}), **r, "last_checkpoint_age_s": age}
+
+
 def status_table(rows: list[dict[str, Any]]) -> str:
-    # a Remus status file has no mode field (only COLO's say so)
-    rows = [{**r, "mode": r.get("mode") or "remus"} for r in rows]
-    colo = any(r["mode"] == "colo" for r in rows)
+    rows = [_row(r) for r in rows]
+    colo = any(r.get("mode") == "colo" for r in rows)
     fields = list(STATUS_COLUMNS)
     header = [c.upper() for c in STATUS_COLUMNS]
     if colo:  # before REASON, which is the long one
@@ -99,24 +108,20 @@ def _out(args: argparse.Namespace, data: Any, text: str) -> None:
     print(json.dumps(data, indent=2) if args.json else text)
 
 
+def protect_body(args: argparse.Namespace) -> dict[str, Any]:
+    """POST /v1/protections's body: the settings given on the command line, and only
+    those, so that what was left out takes remusd's configured defaults (its interval,
+    its timeouts) rather than remusctl's."""
+    spec = ProtectionSpec.from_args(args).to_dict()
+    given = {f.name for f in FIELDS if getattr(args, f.name, None) is not None}
+    if getattr(args, "colo", False):  # --colo is --mode colo
+        given.add("mode")
+    return {f.name: spec[f.name] for f in FIELDS if f.api and f.name in given}
+
+
 def api_protect(args: argparse.Namespace) -> int:
-    body: dict[str, Any] = {
-        "name": args.name,
-        "peer": args.to,
-        "interval_ms": int(args.interval),
-        "netbuf": args.netbuf,
-        "no_netbuf": args.n,
-        "no_disk": args.d,
-        "unsafe": args.F,
-    }
-    if getattr(args, "colo", False):
-        body.update(
-            mode="colo",
-            checkpoint_max_interval_s=args.checkpoint_max_interval,
-            compare_timeout_ms=args.compare_timeout,
-        )
     with client(args) as c:
-        p = c.post("/v1/protections", body)
+        p = c.post("/v1/protections", protect_body(args))
     how = " with COLO, the disk not replicated" if p.get("mode") == "colo" else ""
     _out(args, p, f"{p['name']}: protecting to {p['peer']}{how} ({p['state']})")
     return 0

@@ -15,7 +15,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Final
 
 from .apicmds import (
     add_client_options,
@@ -34,15 +34,11 @@ from .demo import main as demo_main
 from .hypervisors.base import Hypervisor, HypervisorError
 from .hypervisors.select import BACKENDS, open_hypervisor
 from .hypervisors.sim import SimHypervisor
-from .protection.colo import ColoSettings
-from .protection.remus import RemusSettings, Unprotected
-from .protection.runner import (
-    add_netbuf_option,
-    run_primary,
-    run_primary_colo,
-    run_secondary,
-    run_secondary_stdio,
-)
+from .protection.host import check_peer
+from .protection.runner import run_primary, run_secondary, run_secondary_stdio
+from .protection.session import Unprotected
+from .protection.spec import FIELDS, Mode, ProtectionSpec, SpecError, add_arguments
+from .protection.status import ProtectionStatus, Role, State
 from .saverestore import SaveRestoreError, restore_domain, save_domain
 from .streams import Layer, StreamDecoder, StreamError, StreamType, libxc
 from .streams.dump import dump_lines
@@ -171,18 +167,21 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
-def _settings(args: argparse.Namespace) -> RemusSettings:
-    s = RemusSettings(interval=args.interval / 1000.0)
-    if getattr(args, "heartbeat_timeout", None):
-        s.heartbeat_timeout = args.heartbeat_timeout / 1000.0
-    if getattr(args, "ack_timeout", None):
-        s.ack_timeout = args.ack_timeout / 1000.0
-    return s
+def _spec(args: argparse.Namespace) -> ProtectionSpec | None:
+    """The one form `protect` and `receive` settings take; None (said why) if invalid."""
+    try:
+        return ProtectionSpec.from_args(args)
+    except SpecError as exc:
+        print(f"remusctl: {exc}", file=sys.stderr)
+        return None
 
 
 def cmd_protect(args: argparse.Namespace) -> int:
+    spec = _spec(args)
+    if spec is None:
+        return 2
     if not args.foreground:
-        if args.colo and args.verify_memory:
+        if spec.verify_memory:
             # it hashes the whole memory on both hosts at every checkpoint: a test and
             # audit tool, not something remusd runs for a protection
             print(
@@ -190,105 +189,99 @@ def cmd_protect(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-        if args.b or args.ssh is not None:
+        if spec.blackhole or args.ssh is not None:
             print("remusctl: -b and -s run in this process: add --foreground", file=sys.stderr)
             return 2
-        if not args.to:
+        if not spec.peer:
             print("remusctl: protect needs --to HOST[:PORT]", file=sys.stderr)
             return 2
         return run_api(api_protect, args)
-    unsafe = [flag for flag, on in (("-b", args.b), ("-n", args.n), ("-d", args.d)) if on]
-    if unsafe and not args.F:
+    unsafe = spec.unsafe_flags()
+    if unsafe and not spec.unsafe:
         print(
             f"remusctl: {' '.join(unsafe)} requires -F (allow unsafe), as with xl remus",
             file=sys.stderr,
         )
         return 2
-    if args.n:
-        print(
-            "remusctl: WARNING: -n: network output is not buffered: a reply can reach a "
-            "client before its state is on the secondary, and be lost on failover",
-            file=sys.stderr,
-        )
-    if args.d:
-        print(
-            "remusctl: WARNING: -d: disk writes are not replicated: after a failover the "
-            "secondary's disk is older than its memory",
-            file=sys.stderr,
-        )
-    if args.b:
-        print(
-            "remusctl: WARNING: -b: checkpoints go to /dev/null: there is no secondary "
-            "and nothing to fail over to",
-            file=sys.stderr,
-        )
-    elif not args.to:
+    _warn_unsafe(spec)
+    if not spec.blackhole and not spec.peer:
         print("remusctl: protect needs --to HOST[:PORT] (or -b -F)", file=sys.stderr)
         return 2
     command = None
-    if args.ssh is not None and not args.b:
+    if args.ssh is not None and not spec.blackhole:
         # as xl: "CMD HOST remusctl receive --stdio", or with an empty CMD, HOST alone
         receive = "remusctl receive --stdio" + (" -e" if args.e else "")
-        for opt in ("heartbeat_timeout", "ack_timeout"):
-            if getattr(args, opt):
-                receive += f" --{opt.replace('_', '-')} {getattr(args, opt):g}"
-        command = f"{args.ssh} {args.to} {receive}" if args.ssh else args.to
-    hv = _hypervisor(args)
-    if args.colo:
-        return _protect_colo(hv, args, command)
-    netbuf = "none" if args.n else args.netbuf
-    status = asyncio.run(
-        run_primary(
-            hv,
-            args.name,
-            args.to or "",
-            _settings(args),
-            netbuf,
-            disk=not args.d,
-            blackhole=args.b,
-            command=command,
-        )
-    )
-    print(
-        f"replication of {args.name} ended after {status.checkpoints} checkpoints: "
-        f"{status.reason or 'stopped'}; the domain runs on here"
-    )
-    return 0
-
-
-def _protect_colo(hv: Hypervisor, args: argparse.Namespace, command: str | None) -> int:
-    if not args.d:
+        for f in FIELDS:
+            if f.name in RECEIVER_FIELDS and getattr(args, f.name) is not None:
+                # given here: the receiver must know it too, by its own option
+                receive += f" {f.flags[0]} {getattr(spec, f.name)}"
+        command = f"{args.ssh} {spec.peer} {receive}" if args.ssh else spec.peer
+    elif not spec.blackhole:
+        try:  # before any connect: a bad address is a usage error, not a traceback
+            check_peer(spec.peer)
+        except SpecError as exc:
+            print(f"remusctl: {exc}", file=sys.stderr)
+            return 2
+    if spec.mode is Mode.COLO and not spec.no_disk:
         print(
             "remusctl: COLO replicates memory and network; the secondary copy writes a disk "
             "of its own (COLO block replication is not built): use shared-nothing guests",
             file=sys.stderr,
         )
-    base = _settings(args)
-    settings = ColoSettings(
-        **dataclasses.asdict(base),
-        checkpoint_max_interval=args.checkpoint_max_interval,
-        verify_memory=args.verify_memory,
-        compare_output=not args.n,
-        compare_timeout=args.compare_timeout / 1000.0,
-    )
-    status = asyncio.run(run_primary_colo(hv, args.name, args.to or "", settings, command=command))
-    print(
-        f"COLO of {args.name} ended after {status.checkpoints} checkpoints "
-        f"({status.by_divergence} on divergence, {status.by_held} for output held, "
-        f"{status.by_timer} on the timer, "
-        f"{status.memory_verified} with equal memories): {status.reason or 'stopped'}; "
-        "the domain runs on here"
-    )
+    status = asyncio.run(run_primary(_hypervisor(args), spec, command=command))
+    print(_ended(spec, status))
     return 0
 
 
+def _warn_unsafe(spec: ProtectionSpec) -> None:
+    colo = spec.mode is Mode.COLO
+    if spec.no_netbuf:
+        what = (
+            "output is not compared: it leaves before the secondary's is seen"
+            if colo
+            else "network output is not buffered: a reply can reach a client before its "
+            "state is on the secondary, and be lost on failover"
+        )
+        print(f"remusctl: WARNING: -n: {what}", file=sys.stderr)
+    if spec.no_disk and not colo:  # COLO never replicates the disk: -d changes nothing
+        print(
+            "remusctl: WARNING: -d: disk writes are not replicated: after a failover the "
+            "secondary's disk is older than its memory",
+            file=sys.stderr,
+        )
+    if spec.blackhole:
+        print(
+            "remusctl: WARNING: -b: checkpoints go to /dev/null: there is no secondary "
+            "and nothing to fail over to",
+            file=sys.stderr,
+        )
+
+
+def _ended(spec: ProtectionSpec, st: ProtectionStatus) -> str:
+    why = f"{st.reason or 'stopped'}; the domain runs on here"
+    if spec.mode is not Mode.COLO:
+        return f"replication of {spec.name} ended after {st.checkpoints} checkpoints: {why}"
+    c = st.colo
+    by = (
+        f" ({c.checkpoints_by_divergence} on divergence, {c.checkpoints_by_held_output} for "
+        f"output held, {c.checkpoints_by_timer} on the timer, {c.memory_verified} with "
+        "equal memories)"
+        if c is not None
+        else ""
+    )
+    return f"COLO of {spec.name} ended after {st.checkpoints} checkpoints{by}: {why}"
+
+
 def cmd_receive(args: argparse.Namespace) -> int:
+    spec = _spec(args)
+    if spec is None:
+        return 2
     hv = _hypervisor(args)
     try:
         if args.stdio:
-            info = asyncio.run(run_secondary_stdio(hv, _settings(args)))
+            info = asyncio.run(run_secondary_stdio(hv, spec))
         else:
-            info = asyncio.run(run_secondary(hv, args.listen, _settings(args)))
+            info = asyncio.run(run_secondary(hv, args.listen, spec))
     except Unprotected as exc:
         print(f"replication ended by the primary ({exc}); the secondary copy was dropped")
         return 0
@@ -300,67 +293,56 @@ def cmd_receive(args: argparse.Namespace) -> int:
     return 0
 
 
-def _statuses(args: argparse.Namespace) -> list[dict[str, Any]]:
+def _statuses(args: argparse.Namespace) -> list[ProtectionStatus]:
+    """The status files of this host's --foreground protections and receivers."""
     d = _hypervisor(args).state_dir()
-    out = [json.loads(p.read_text()) for p in sorted(d.glob("*.json"))] if d.exists() else []
-    return [s for s in out if not getattr(args, "name", None) or s["name"] == args.name]
+    found = [ProtectionStatus.read(p) for p in sorted(d.glob("*.json"))] if d.exists() else []
+    name = getattr(args, "name", None)
+    return [s for s in found if s is not None and (not name or s.name == name)]
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     if not args.local:
         return run_api(api_status, args)
-    rows = _statuses(args)
+    rows = [st.to_dict() for st in _statuses(args)]
     print(json.dumps(rows, indent=2) if args.json else status_table(rows))
     return 0
 
 
-def _signal_protection(args: argparse.Namespace, role: str, sig: int) -> dict[str, Any]:
+def _signal_protection(args: argparse.Namespace, role: Role, sig: int) -> ProtectionStatus:
     for st in _statuses(args):
-        if st["role"] == role and st["state"] not in ("stopped", "failed-over"):
-            os.kill(int(st["pid"]), sig)
+        if st.role is role and st.state not in (State.STOPPED, State.FAILED_OVER):
+            os.kill(st.pid, sig)
             return st
-    raise HypervisorError(f"no running {role} protection of {args.name!r} on this host")
+    raise HypervisorError(f"no running {role.value} protection of {args.name!r} on this host")
 
 
 def cmd_failover(args: argparse.Namespace) -> int:
     if not args.local:
         return run_api(api_failover, args)
     for st in _statuses(args):
-        age = st.get("last_heartbeat_age")
-        if st["role"] == "secondary" and age is not None and age < 1.0 and not args.force:
+        age = st.last_heartbeat_age_s
+        if st.role is Role.SECONDARY and age is not None and age < 1.0 and not args.force:
             print(
-                f"remusctl: the primary of {args.name} was heard {age} s ago: refusing "
+                f"remusctl: the primary of {args.name} was heard {age:.3g} s ago: refusing "
                 "(two copies would run); use --force if it is really gone",
                 file=sys.stderr,
             )
             return 1
-    _signal_protection(args, "secondary", signal.SIGUSR1)
+    _signal_protection(args, Role.SECONDARY, signal.SIGUSR1)
     return 0
 
 
 def cmd_unprotect(args: argparse.Namespace) -> int:
     if not args.local:
         return run_api(api_unprotect, args)
-    _signal_protection(args, "primary", signal.SIGTERM)
+    _signal_protection(args, Role.PRIMARY, signal.SIGTERM)
     return 0
 
 
-def add_timeout_options(parser: argparse.ArgumentParser) -> None:
-    d = RemusSettings()
-    parser.add_argument(
-        "--heartbeat-timeout",
-        type=float,
-        metavar="MS",
-        help=f"the secondary fails over after this long without word from the primary "
-        f"(default {d.heartbeat_timeout * 1000:g}; under emulation, seconds)",
-    )
-    parser.add_argument(
-        "--ack-timeout",
-        type=float,
-        metavar="MS",
-        help=f"the primary gives up on a checkpoint not ACKed in this time "
-        f"(default {d.ack_timeout * 1000:g})",
-    )
+# what a receiver decides for itself; the rest of a protection's settings come in the
+# primary's HELLO
+RECEIVER_FIELDS: Final = ("heartbeat_timeout_ms", "ack_timeout_ms")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -408,24 +390,15 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--name", help="restore under another name")
     rs.set_defaults(func=cmd_restore)
 
-    pr = sub.add_parser("protect", help="replicate a domain to a secondary (Remus)")
+    pr = sub.add_parser("protect", help="replicate a domain to a secondary (Remus or COLO)")
     pr.add_argument("name")
-    pr.add_argument("--to", help="HOST[:PORT] of `remusctl receive`")
+    # every setting from the spec's table: -i, --to, --mode, -b -n -d -F, the timeouts...
+    add_arguments(pr)
     pr.add_argument(
-        "-i",
-        dest="interval",
-        type=float,
-        default=200.0,
-        help="checkpoint interval in ms: a checkpoint every MS, the time one takes "
-        "included (default 200)",
+        "--colo",
+        action="store_true",
+        help="COLO instead of Remus (the same as --mode colo)",
     )
-    for flag, text in (
-        ("-b", "replicate to /dev/null"),
-        ("-n", "no network buffering"),
-        ("-d", "no disk replication"),
-        ("-F", "allow unsafe"),
-    ):
-        pr.add_argument(flag, action="store_true", help=text)
     pr.add_argument(
         "-s",
         dest="ssh",
@@ -444,34 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replicate from this process (as xl remus) instead of asking remusd",
     )
-    pr.add_argument(
-        "--colo",
-        action="store_true",
-        help="COLO instead of Remus: the secondary copy runs too, output is compared",
-    )
-    pr.add_argument(
-        "--checkpoint-max-interval",
-        type=float,
-        default=5.0,
-        metavar="S",
-        help="COLO: at most this many seconds between checkpoints (default 5)",
-    )
-    pr.add_argument(
-        "--compare-timeout",
-        type=float,
-        default=100.0,
-        metavar="MS",
-        help="COLO: output held this long for the secondary's asks for a checkpoint (default 100)",
-    )
-    pr.add_argument(
-        "--verify-memory",
-        action="store_true",
-        help="COLO: compare a digest of both memories at every checkpoint",
-    )
     pr.add_argument("--json", action="store_true")
-    add_timeout_options(pr)
     add_client_options(pr)
-    add_netbuf_option(pr)
     pr.set_defaults(func=cmd_protect)
     rc = sub.add_parser("receive", help="be the secondary of one protection")
     rc.add_argument("--listen", default="127.0.0.1:8002")
@@ -481,9 +428,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="both channels over stdin/stdout (what `protect -s` runs on this host)",
     )
     rc.add_argument("-e", action="store_true", help=argparse.SUPPRESS)
-    rc.add_argument("-i", dest="interval", type=float, default=200.0, help=argparse.SUPPRESS)
-    add_timeout_options(rc)
-    rc.set_defaults(func=cmd_receive)
+    # accepted as xl's migrate-receive does, and ignored: the primary sets the interval
+    rc.add_argument("-i", dest="xl_interval", type=float, help=argparse.SUPPRESS)
+    add_arguments(rc, exclude=tuple(f.name for f in FIELDS if f.name not in RECEIVER_FIELDS))
+    # a receiver's spec is named "incoming" until the primary's HELLO says which domain
+    rc.set_defaults(func=cmd_receive, name="incoming")
     local_help = "a --foreground protection or `receive` of this host (status files)"
     stt = sub.add_parser("status", help="state of the protections on this host")
     stt.add_argument("name", nargs="?")

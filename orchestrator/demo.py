@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from .hypervisors.sim import SimHypervisor
-from .protection.runner import add_netbuf_option
+from .protection.spec import FIELDS, add_arguments
+from .protection.status import ProtectionStatus
 
 
 @dataclass
@@ -50,9 +51,8 @@ class DemoReport:
 
 
 def _started(status_file: Path) -> bool:
-    with contextlib.suppress(FileNotFoundError, ValueError):
-        return bool(json.loads(status_file.read_text())["checkpoints"] >= 2)
-    return False
+    st = ProtectionStatus.read(status_file)
+    return st is not None and st.checkpoints >= 2
 
 
 def _remusctl(host: Path, *args: str) -> list[str]:
@@ -94,7 +94,7 @@ async def _read_all(address: str, keys: list[str]) -> dict[str, str | None]:
 
 async def run_demo(
     duration: float,
-    interval_ms: float,
+    interval_ms: int,  # whole ms, as protect -i takes them
     netbuf: bool = True,
     clients: int = 8,
     progress: bool = True,
@@ -145,12 +145,12 @@ async def run_demo(
             stderr=asyncio.subprocess.STDOUT,
         )
         procs.append(prot)
-        status_file = host_a / "remus" / f"{info.name}.json"
+        # where a --foreground protection publishes its status: the backend's state dir
+        status_file = hv_a.state_dir() / f"{info.name}.json"
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            with contextlib.suppress(FileNotFoundError, ValueError):
-                if json.loads(status_file.read_text())["checkpoints"] >= 2:
-                    break
+            if _started(status_file):
+                break
             await asyncio.sleep(0.05)
             if prot.returncode is not None:
                 break
@@ -169,9 +169,10 @@ async def run_demo(
             raise RuntimeError(
                 f"replication did not start: {err.strip()}\nsecondary: {peer_text or '(silent)'}"
             )
-        st = json.loads(status_file.read_text())
-        service = st.get("service_address") or info.address
-        report.netbuf_device = st.get("netbuf", "")
+        st = ProtectionStatus.read(status_file)
+        assert st is not None  # _started read it a moment ago; it is replaced, never removed
+        service = st.service_address or info.address
+        report.netbuf_device = st.netbuf
         say(
             f"== protected (Remus, -i {interval_ms:g} ms, network buffering "
             f"{report.netbuf_device if netbuf else 'OFF (-n -F)'}); {clients} clients "
@@ -186,17 +187,17 @@ async def run_demo(
         kill_at = duration * random.uniform(0.5, 1.0)
         while (elapsed := time.monotonic() - started) < kill_at:
             await asyncio.sleep(min(0.25, kill_at - elapsed))
-            with contextlib.suppress(FileNotFoundError, ValueError):
-                st = json.loads(status_file.read_text())
+            now = ProtectionStatus.read(status_file)
+            if now is not None:
                 say(
-                    f"   t={elapsed:4.1f}s checkpoints={st['checkpoints']} "
-                    f"acked writes={len(acked)} held packets={st.get('held_packets')}"
+                    f"   t={elapsed:4.1f}s checkpoints={now.checkpoints} "
+                    f"acked writes={len(acked)} held packets={now.held_packets}"
                 )
         # the primary host dies: its protection process and its guest, at once
-        with contextlib.suppress(FileNotFoundError, ValueError):
-            st = json.loads(status_file.read_text())
-            report.checkpoints = st["checkpoints"]
-            report.pause_ms_p50 = st["pause_ms_p50"]
+        last = ProtectionStatus.read(status_file)
+        if last is not None:
+            report.checkpoints = last.checkpoints
+            report.pause_ms_p50 = last.pause_ms_p50
         gpid = int((host_a / "domains" / str(info.domid) / "guest.pid").read_text())
         killed = time.monotonic()
         prot.kill()
@@ -277,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--duration", type=float, default=6.0, help="seconds of load (kill in 2nd half)"
     )
-    ap.add_argument("--interval", type=float, default=100.0, help="checkpoint interval, ms")
+    # an integer, as `remusctl protect -i` takes it (the spec's interval_ms)
+    ap.add_argument("--interval", type=int, default=100, help="checkpoint interval, ms")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument(
         "-n",
@@ -286,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         help="no network buffering (shows why it matters)",
     )
     ap.add_argument("--json", action="store_true")
-    add_netbuf_option(ap)
+    # `protect`'s own --netbuf, from the spec: the same choices and help
+    add_arguments(ap, exclude=tuple(f.name for f in FIELDS if f.name != "netbuf"))
     args = ap.parse_args(argv)
     report = asyncio.run(
         run_demo(
@@ -295,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             not args.no_netbuf,
             args.clients,
             progress=not args.json,
-            netbuf_mode=args.netbuf,
+            netbuf_mode=args.netbuf or "auto",
         )
     )
     print(json.dumps(asdict(report), indent=2) if args.json else render(report))

@@ -26,12 +26,14 @@ from ..devices.netbuf_nfqueue import NfqueueNetbuf, nfqueue_available
 from ..devices.netbuf_plug import PlugNetbuf, plug_available
 from ..devices.netbuf_proxy import ProxyNetbuf
 from ..hypervisors.base import Capability, DomainInfo, Hypervisor
-from ..transport.channels import Listener, connect, parse_addr
+from ..transport.channels import connect, parse_addr
 from ..transport.control import Role as Side
 from ..transport.controlio import Control
+from ..transport.endpoint import Endpoint, control_of
 from ..transport.stdio import CommandLink, open_command, open_stdio
 from .colo import ColoPrimary, ColoSecondary
 from .fence import FenceGuard, marker_path
+from .host import describe_host
 from .remus import RemusPrimary, RemusSecondary
 from .session import Primary, ReplicationError, Secondary
 from .spec import Mode, Netbuf, ProtectionSpec
@@ -242,12 +244,14 @@ async def run_secondary_stdio(hv: Hypervisor, spec: ProtectionSpec) -> DomainInf
 
 async def run_secondary(hv: Hypervisor, listen: str, spec: ProtectionSpec) -> DomainInfo:
     host, port = parse_addr(listen)
-    listener = Listener(host, port)
-    await listener.start()
-    print(f"receiving on {host}:{listener.port}", flush=True)
-    _pid, stream, ctl = await listener.pairs.get()
-    listener.close()
-    return await run_secondary_on(hv, stream, ctl, spec)
+    endpoint = Endpoint(host, port, lambda: describe_host(hv))
+    await endpoint.start()
+    print(f"receiving on {host}:{endpoint.port}", flush=True)
+    try:
+        pair = await endpoint.next_pair()
+    finally:
+        await endpoint.close()
+    return await run_secondary_on(hv, pair.stream, await control_of(pair), spec)
 
 
 async def run_secondary_on(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from enum import Enum, StrEnum
 from typing import Any, Final
@@ -249,7 +250,9 @@ class ProtectionSpec:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], defaults: ProtectionSpec | None = None) -> Any:
+    def from_dict(
+        cls, data: dict[str, Any], defaults: ProtectionSpec | None = None
+    ) -> ProtectionSpec:
         """From a JSON object: unknown keys and wrong types are :class:`SpecError`."""
         if not isinstance(data, dict):
             raise SpecError("spec", "is not an object")
@@ -297,6 +300,8 @@ def _check(f: Field, value: Any) -> None:
     if f.kind in (int, float):
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise SpecError(f.name, f"{value!r} is not a number")
+        if not math.isfinite(value):
+            raise SpecError(f.name, f"{value!r} is not a finite number")
         if f.kind is int and value != int(value):
             raise SpecError(f.name, f"{value!r} is not an integer")
         if f.minimum is not None and (

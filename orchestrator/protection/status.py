@@ -147,7 +147,7 @@ class ProtectionStatus:
         """The published status, or None if there is none (yet) or it is not ours."""
         try:
             return cls.from_dict(json.loads(path.read_text()))
-        except (FileNotFoundError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError):
             return None
 
 

@@ -22,33 +22,23 @@ import signal
 import ssl
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Final
 
-from ..devices.netbuf_nfqueue import nfqueue_available
-from ..devices.netbuf_plug import plug_available
-from ..hypervisors.select import open_hypervisor
-from ..hypervisors.sim import SimHypervisor
-from ..protection.remus import PAUSE_BUCKETS
-from ..savehelper.spawn import HelperNotFound, find_helper
-from ..transport.control import PROTOCOL_VERSION
+from ..protection.host import host_facts, open_host
+from ..protection.spec import Mode, ProtectionSpec, SpecError, api_schema
+from ..protection.status import PAUSE_BUCKETS, ColoFigures, ProtectionStatus, Role, State
 from . import config as configmod
 from .http import ApiError, EventStream, HttpServer, Request, Response, Route, Router
 from .metrics import CONTENT_TYPE, Counter, MetricsRegistry
-from .registry import NotFound, Registry
-from .supervisor import ProtectError, ProtectRequest, Supervisor
+from .registry import NotFound, ProtectionRecord, Registry
+from .supervisor import ProtectError, Supervisor
 
 log = logging.getLogger("remusd")
 
 VERSION: Final = "0.1.0"
 EVENTS_KEEP: Final = 10_000
-# remus_colo_checkpoints_total's reason label and the status file field it counts
-COLO_REASONS: Final = (
-    ("divergence", "checkpoints_by_divergence"),
-    ("held", "checkpoints_by_held_output"),
-    ("timer", "checkpoints_by_timer"),
-)
 
 # the API's own error codes and their HTTP status
 CODES: Final = {
@@ -62,44 +52,54 @@ CODES: Final = {
     "PRIMARY_ALIVE": 409,
 }
 
-PROTECT_SCHEMA: Final = {
-    "type": "object",
-    "required": ["name", "peer"],
-    "additionalProperties": False,
-    "properties": {
-        "name": {"type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9_.-]+$"},
-        "peer": {"type": "string", "minLength": 1, "maxLength": 255},
-        "interval_ms": {"type": "integer", "minimum": 0, "maximum": 60000},
-        "netbuf": {"type": "string", "enum": ["auto", "plug", "nfqueue", "proxy"]},
-        "no_netbuf": {"type": "boolean"},
-        "no_disk": {
-            "type": "boolean",
-            "description": "Remus: do not replicate the disk (needs unsafe). COLO never "
-            "replicates the disk: accepted and ignored",
-        },
-        "unsafe": {"type": "boolean"},
-        "mode": {
-            "type": "string",
-            "enum": ["remus", "colo"],
-            "default": "remus",
-            "description": "colo: both copies run, checkpoints when their output differs",
-        },
-        "checkpoint_max_interval_s": {
-            "type": "number",
-            "exclusiveMinimum": 0,
-            "maximum": 3600,
-            "default": 5.0,
-            "description": "COLO: at most this long between checkpoints",
-        },
-        "compare_timeout_ms": {
-            "type": "number",
-            "exclusiveMinimum": 0,
-            "maximum": 60000,
-            "default": 100,
-            "description": "COLO: output held this long for the secondary's asks for a checkpoint",
-        },
-    },
-}
+# POST /v1/protections: derived from the spec's table, so the API's names, bounds
+# and defaults are the CLI's and the worker's
+PROTECT_SCHEMA: Final = api_schema()
+
+
+def _seconds(ms: float | None) -> float | None:
+    return None if ms is None else ms / 1e3
+
+
+def _colo(
+    get: Callable[[ColoFigures], float | None],
+) -> Callable[[ProtectionStatus], float | None]:
+    return lambda st: None if st.colo is None else get(st.colo)
+
+
+# The gauges read from the workers' status: (metric, help, the mode it is for (None:
+# any), the value in the metric's unit). Each names its attribute and its scale.
+STATUS_GAUGES: Final[
+    tuple[tuple[str, str, Mode | None, Callable[[ProtectionStatus], float | None]], ...]
+] = (
+    ("remus_dirty_pages", "Pages sent per checkpoint (median)", None,
+     lambda st: st.dirty_pages_p50),
+    ("remus_dirty_bytes", "Bytes of pages per checkpoint (median)", None,
+     lambda st: st.dirty_bytes_p50),
+    ("remus_disk_blocks", "Disk blocks per checkpoint (median)", None,
+     lambda st: st.disk_blocks_p50),
+    ("remus_held_output_packets", "Output packets held now", None,
+     lambda st: st.held_packets),
+    ("remus_held_output_bytes", "Output bytes held now (proxy)", None,
+     lambda st: st.held_bytes),
+    ("remus_ack_lag_seconds", "CHECKPOINT_END to ACK (median)", None,
+     lambda st: _seconds(st.ack_lag_ms_p50)),
+    ("remus_last_checkpoint_age_seconds", "Age of the last consistent checkpoint", None,
+     lambda st: st.last_checkpoint_age_s),
+    ("remus_colo_compare_wait_seconds",
+     "COLO: how long output released on a match waited for the secondary's (median)",
+     Mode.COLO, _colo(lambda c: _seconds(c.compare_wait_ms_p50))),
+    ("remus_colo_held_packets",
+     "COLO: output packets held now for the secondary's or a checkpoint",
+     Mode.COLO, lambda st: st.held_packets),
+)  # fmt: skip
+
+# remus_colo_checkpoints_total's reason label, and the figure it counts
+COLO_REASONS: Final[tuple[tuple[str, Callable[[ColoFigures], int | None]], ...]] = (
+    ("divergence", lambda c: c.checkpoints_by_divergence),
+    ("held", lambda c: c.checkpoints_by_held_output),
+    ("timer", lambda c: c.checkpoints_by_timer),
+)
 
 
 def _figure(description: str, kind: str = "integer") -> dict[str, Any]:
@@ -114,7 +114,7 @@ COLO_PRIMARY_FIELDS: Final = {
     "checkpoints_by_held_output": _figure(
         "Checkpoints because output waited past compare_timeout_ms for the secondary's"
     ),
-    "checkpoints_by_timer": _figure("Checkpoints because checkpoint_max_interval_s passed"),
+    "checkpoints_by_timer": _figure("Checkpoints because checkpoint_max_interval_ms passed"),
     "memory_verified": _figure("Checkpoints whose memory digests matched (--verify-memory)"),
     "pause_ms_p50": _figure("Guest pause per checkpoint, median of the recent ones", "number"),
     "compared_packets": _figure("Primary output packets compared with the secondary's"),
@@ -135,6 +135,8 @@ COLO_PRIMARY_FIELDS: Final = {
     "mirrored_packets": _figure("Client packets mirrored to the secondary copy"),
     "mirrored_bytes": _figure("Client bytes mirrored to the secondary copy"),
 }
+# the figures of these names are the status's own; the others are its ColoFigures'
+STATUS_LEVEL: Final = frozenset({"checkpoints", "pause_ms_p50", "held_packets"})
 COLO_SECONDARY_FIELDS: Final = {
     "checkpoints": _figure("Checkpoints loaded into the secondary copy"),
     "injected_packets": _figure("Mirrored client packets fed to the secondary copy"),
@@ -188,7 +190,7 @@ class Service:
         Path(cfg.state.dir).mkdir(parents=True, exist_ok=True)
         self.registry = Registry(cfg.registry_path)
         # Xen where this is a dom0 ($REMUS_BACKEND overrides), else the simulation
-        self.hv = open_hypervisor(None, Path(cfg.state.host) if cfg.state.host else None)
+        self.hv = open_host(None, Path(cfg.state.host) if cfg.state.host else None)
         self.supervisor = Supervisor(cfg, self.registry, self.hv, self.emit)
         self.metrics = MetricsRegistry()
         self._new_event = asyncio.Condition()
@@ -236,21 +238,8 @@ class Service:
         self.m_failovers = m.counter(
             "remus_failovers_total", "Failovers this host took over", ("domain",)
         )
-        for metric, key, help_text in (
-            ("remus_dirty_pages", "dirty_pages_p50", "Pages sent per checkpoint (median)"),
-            ("remus_dirty_bytes", "dirty_bytes_p50", "Bytes of pages per checkpoint (median)"),
-            ("remus_disk_blocks", "disk_blocks_p50", "Disk blocks per checkpoint (median)"),
-            ("remus_held_output_packets", "held_packets", "Output packets held now"),
-            ("remus_held_output_bytes", "held_bytes", "Output bytes held now (proxy)"),
-            ("remus_ack_lag_seconds", "ack_lag_ms_p50", "CHECKPOINT_END to ACK (median)"),
-        ):
-            m.callback_gauge(metric, help_text, self._status_values(key), labels)
-        m.callback_gauge(
-            "remus_last_checkpoint_age_seconds",
-            "Age of the last consistent checkpoint",
-            self._ages,
-            labels,
-        )
+        for metric, help_text, mode, get in STATUS_GAUGES:
+            m.callback_gauge(metric, help_text, self._status_values(get, mode), labels)
         m.callback_gauge(
             "remus_replication_state",
             "1 for the protection's current state",
@@ -278,20 +267,8 @@ class Service:
             "COLO: client packets mirrored to the secondary copy",
             labels,
         )
-        m.callback_gauge(
-            "remus_colo_compare_wait_seconds",
-            "COLO: how long output released on a match waited for the secondary's (median)",
-            self._status_values("compare_wait_ms_p50", mode="colo"),
-            labels,
-        )
-        m.callback_gauge(
-            "remus_colo_held_packets",
-            "COLO: output packets held now for the secondary's or a checkpoint",
-            self._status_values("held_packets", mode="colo"),
-            labels,
-        )
 
-    def _statuses(self) -> list[tuple[Any, dict[str, Any]]]:
+    def _statuses(self) -> list[tuple[ProtectionRecord, ProtectionStatus]]:
         out = []
         for rec in self.registry.list():
             st = self.supervisor.read_status(rec.name)
@@ -299,75 +276,77 @@ class Service:
                 out.append((rec, st))
         return out
 
-    def _status_values(self, key: str, mode: str | None = None) -> Any:
-        scale = 1e-3 if key.endswith("_ms_p50") else 1.0
-
+    def _status_values(
+        self, get: Callable[[ProtectionStatus], float | None], mode: Mode | None
+    ) -> Callable[[], dict[tuple[str, ...], float]]:
         def values() -> dict[tuple[str, ...], float]:
-            return {
-                (rec.name, rec.peer): float(st[key]) * scale
-                for rec, st in self._statuses()
-                if st.get(key) is not None and mode in (None, rec.mode)
-            }
+            out: dict[tuple[str, ...], float] = {}
+            for rec, st in self._statuses():
+                value = get(st) if mode in (None, st.mode) else None
+                if value is not None:  # not measured: no series rather than a made-up 0
+                    out[(rec.name, rec.peer)] = float(value)
+            return out
 
         return values
-
-    def _ages(self) -> dict[tuple[str, ...], float]:
-        now = time.time()
-        return {
-            (rec.name, rec.peer): now - (float(st["updated"]) - float(st["last_checkpoint_age"]))
-            for rec, st in self._statuses()
-            if st.get("last_checkpoint_age") is not None
-        }
 
     def _states(self) -> dict[tuple[str, ...], float]:
         return {(rec.name, rec.peer, rec.role, rec.last_state): 1.0 for rec in self.registry.list()}
 
     def _fold_counters(self) -> None:
         """Workers count from zero; remusd's counters go on across worker restarts."""
-        for rec, st in self._statuses():
-            key = (rec.name, int(st.get("pid", 0)))
+        statuses = self._statuses()
+        # only the running workers' last figures are kept: a restarted worker's or a
+        # deleted protection's would otherwise stay for as long as remusd runs
+        live = {(rec.name, st.pid) for rec, st in statuses}
+        self._seen = {k: v for k, v in self._seen.items() if k in live}
+        for rec, st in statuses:
+            key = (rec.name, st.pid)
             before = self._seen.get(key, {})
             seen = dict(before)
-            done = int(st.get("checkpoints") or 0)
-            if rec.role == "primary":
+            done = st.checkpoints
+            if st.role is Role.PRIMARY:
                 self.m_checkpoints.labels(domain=rec.name, peer=rec.peer).inc(
                     max(0, done - int(before.get("checkpoints", 0)))
                 )
-                hist = st.get("pause_histogram")
-                if hist and list(hist.get("le", [])) == list(PAUSE_BUCKETS):
-                    old = before.get("counts") or [0] * len(hist["counts"])
-                    delta = [max(0, n - o) for n, o in zip(hist["counts"], old, strict=True)]
+                hist = st.pause_histogram
+                # a worker with other bounds than ours would merge into the wrong buckets
+                if tuple(hist.le) == PAUSE_BUCKETS:
+                    old = before.get("counts") or [0] * len(hist.counts)
+                    delta = [max(0, n - o) for n, o in zip(hist.counts, old, strict=True)]
                     if any(delta):
                         self.m_pause.labels(domain=rec.name, peer=rec.peer).merge(
-                            delta, max(0.0, float(hist["sum"]) - float(before.get("sum", 0.0)))
+                            delta, max(0.0, hist.sum - float(before.get("sum", 0.0)))
                         )
-                    seen.update(counts=hist["counts"], sum=hist["sum"])
-                if rec.mode == "colo":
-                    self._fold_colo(rec, st, before, seen)
-            if st.get("state") == "failed-over" and not before.get("failed_over"):
+                    seen.update(counts=list(hist.counts), sum=hist.sum)
+                if st.mode is Mode.COLO and st.colo is not None:
+                    self._fold_colo(rec, st.colo, before, seen)
+            if st.state is State.FAILED_OVER and not before.get("failed_over"):
                 self.m_failovers.labels(domain=rec.name).inc()
                 seen["failed_over"] = True
             self._seen[key] = {**seen, "checkpoints": done}
 
     def _fold_colo(
-        self, rec: Any, st: dict[str, Any], before: dict[str, Any], seen: dict[str, Any]
+        self,
+        rec: ProtectionRecord,
+        colo: ColoFigures,
+        before: dict[str, Any],
+        seen: dict[str, Any],
     ) -> None:
         labels = {"domain": rec.name, "peer": rec.peer}
-        counters: list[tuple[Counter, dict[str, str], str]] = [
-            (self.m_colo_checkpoints, {**labels, "reason": reason}, field)
-            for reason, field in COLO_REASONS
+        counters: list[tuple[Counter, dict[str, str], str, int | None]] = [
+            (self.m_colo_checkpoints, {**labels, "reason": reason}, reason, get(colo))
+            for reason, get in COLO_REASONS
         ]
         counters += [
-            (self.m_colo_compared, labels, "compared_packets"),
-            (self.m_colo_mismatches, labels, "mismatches"),
-            (self.m_colo_mirrored, labels, "mirrored_packets"),
+            (self.m_colo_compared, labels, "compared", colo.compared_packets),
+            (self.m_colo_mismatches, labels, "mismatches", colo.mismatches),
+            (self.m_colo_mirrored, labels, "mirrored", colo.mirrored_packets),
         ]
-        for family, values, field in counters:
-            value = st.get(field)
+        for family, values, seen_key, value in counters:
             if value is None:  # -n: nothing compared or mirrored, so no series either
                 continue
-            family.labels(**values).inc(max(0, int(value) - int(before.get(field, 0))))
-            seen[field] = int(value)
+            family.labels(**values).inc(max(0, value - int(before.get(seen_key, 0))))
+            seen[seen_key] = value
 
     def render_metrics(self) -> bytes:
         self._fold_counters()
@@ -382,15 +361,18 @@ class Service:
             raise ApiError(
                 404, "PROTECTION_NOT_FOUND", f"no protection of {name!r} on this host"
             ) from None
-        st = self.supervisor.read_status(name) or {}
+        st = self.supervisor.read_status(name)
         colo = None
-        if rec.mode == "colo":
+        if rec.mode == Mode.COLO.value:
             fields = COLO_PRIMARY_FIELDS if rec.role == "primary" else COLO_SECONDARY_FIELDS
-            colo = {k: st.get(k) for k in fields}
+            colo = {k: _colo_figure(st, k) for k in fields}
         disk = None
         if rec.role == "primary":  # the worker knows best (a domain may have no disk)
-            disk = "not replicated" if rec.mode == "colo" else st.get("disk")
-            disk = disk or rec.settings.get("disk")
+            disk = "not replicated" if rec.mode == Mode.COLO.value else st and st.disk
+            if not disk and rec.spec is not None:
+                disk = "replicated" if rec.spec.replicates_disk else "not replicated"
+        live = {} if st is None else st.to_dict()
+        live.pop("pause_histogram", None)  # the metrics' business, and long
         return {
             "name": rec.name,
             "role": rec.role,
@@ -398,13 +380,13 @@ class Service:
             "mode": rec.mode,
             "desired": rec.desired,
             # a paused protection's worker has gone; its last status file says "stopped"
-            "state": rec.last_state if rec.desired == "paused" else st.get("state", rec.last_state),
-            "checkpoints": int(st.get("checkpoints") or rec.checkpoints),
-            "reason": st.get("reason") or rec.reason,
-            "settings": rec.settings,
+            "state": rec.last_state if rec.desired == "paused" or st is None else st.state.value,
+            "checkpoints": st.checkpoints if st is not None and st.checkpoints else rec.checkpoints,
+            "reason": (st.reason if st is not None else "") or rec.reason,
+            "settings": _settings(rec.spec),
             "disk": disk,
             "colo": colo,
-            "live": {k: v for k, v in st.items() if k != "pause_histogram"},
+            "live": live,
         }
 
     async def h_health(self, _req: Request) -> Response:
@@ -418,31 +400,14 @@ class Service:
         )
 
     async def h_host(self, _req: Request) -> Response:
-        try:
-            helper: str | None = find_helper(self.hv.helper_env())
-            helper_error = None
-        except HelperNotFound as exc:
-            helper, helper_error = None, str(exc)
+        facts = host_facts(self.hv)
         return Response(
             body={
-                "backend": self.hv.name,
-                "sim_host": str(self.hv.host) if isinstance(self.hv, SimHypervisor) else None,
-                "xen_version": _xen_version(),
-                "helper": {
-                    "path": helper,
-                    "version": _helper_version(helper),
-                    "error": helper_error,
-                },
-                "libvirt": _libvirt_status(),
-                "netbuf": {
-                    "plug": plug_available() or "available",
-                    "nfqueue": nfqueue_available() or "available",
-                    "proxy": "available",
-                },
+                **{k: v for k, v in facts.items() if k != "protocol_version"},
                 "replication": {
                     "listen": self.cfg.replication.listen,
                     "port": self.supervisor.replication_port,
-                    "protocol_version": PROTOCOL_VERSION,
+                    "protocol_version": facts["protocol_version"],
                 },
             }
         )
@@ -454,31 +419,32 @@ class Service:
         return Response(body=self._protection(req.params["name"]))
 
     async def h_protect(self, req: Request) -> Response:
-        b = req.body
-        pr = ProtectRequest(
-            name=b["name"],
-            peer=b["peer"],
-            interval_ms=b.get("interval_ms", self.cfg.replication.interval_ms),
-            netbuf=b.get("netbuf", "auto"),
-            no_netbuf=b.get("no_netbuf", False),
-            no_disk=b.get("no_disk", False),
-            unsafe=b.get("unsafe", False),
-            mode=b.get("mode", "remus"),
-            checkpoint_max_interval_s=float(b.get("checkpoint_max_interval_s", 5.0)),
-            compare_timeout_ms=float(b.get("compare_timeout_ms", 100.0)),
-        )
+        # the schema has checked types and bounds; the spec checks them again, as it does
+        # for every form (the peer's address is the pre-flight's, with the other checks)
+        try:
+            spec = ProtectionSpec.from_api(req.body, self.cfg.spec_defaults())
+        except SpecError as exc:
+            # 422 as for a failed pre-flight: the body is well-formed, the request is not
+            # one this host can carry out; the field is named as a schema error names it
+            details = {
+                "field": exc.field,
+                "in": "body",
+                "problem": str(exc).split(": ", 1)[-1],
+                "reasons": [{"check": "settings", "message": str(exc)}],
+            }
+            raise ApiError(422, "NOT_PROTECTABLE", str(exc), details) from None
         with contextlib.suppress(NotFound):
-            rec = self.registry.get(pr.name)
+            rec = self.registry.get(spec.name)
             raise ApiError(
                 409,
                 "ALREADY_PROTECTED",
-                f"{pr.name} is already registered here as {rec.role} ({rec.desired})",
+                f"{spec.name} is already registered here as {rec.role} ({rec.desired})",
             )
         try:
-            await self.supervisor.protect(pr)
+            await self.supervisor.protect(spec)
         except ProtectError as exc:
             raise _api_error(exc) from None
-        return Response(201, self._protection(pr.name))
+        return Response(201, self._protection(spec.name))
 
     async def h_delete(self, req: Request) -> Response:
         name = req.params["name"]
@@ -487,6 +453,7 @@ class Service:
             await self.supervisor.unprotect(name)
         except ProtectError as exc:
             raise _api_error(exc) from None
+        self.metrics.remove_matching(domain=name)  # its series go with it
         return Response(204)
 
     async def h_pause(self, req: Request) -> Response:
@@ -688,37 +655,22 @@ def _read_token(path: str) -> str | None:
     return Path(path).read_text().strip() or None if path else None
 
 
-def _xen_version() -> str | None:
-    try:
-        major = Path("/sys/hypervisor/version/major").read_text().strip()
-        minor = Path("/sys/hypervisor/version/minor").read_text().strip()
-    except OSError:
-        return None  # not running on Xen: the simulated backend
-    return f"{major}.{minor}"
-
-
-def _helper_version(path: str | None) -> str | None:
-    """libxl-save-helper has no --version; its install directory names the Xen release."""
-    if path is None:
+def _colo_figure(st: ProtectionStatus | None, key: str) -> Any:
+    """One of the API's COLO figures: the status's own, or from its ColoFigures."""
+    if st is None:
         return None
-    for part in Path(path).parts:
-        if part.startswith("xen-") and part[4:].replace(".", "").isdigit():
-            return part[4:]
-    return "simulated" if "sim" in Path(path).name else None
+    if key in STATUS_LEVEL:
+        return getattr(st, key)
+    return None if st.colo is None else getattr(st.colo, key)
 
 
-def _libvirt_status() -> dict[str, Any]:
-    try:
-        import libvirt  # type: ignore[import-untyped]
-    except ImportError as exc:
-        return {"available": False, "error": str(exc)}
-    sock = Path("/run/libvirt/libvirt-sock")
-    return {
-        "available": True,
-        "library_version": libvirt.getVersion(),
-        "libvirtd_running": sock.exists(),
-        "uri": "xen:///system" if _xen_version() else None,
-    }
+def _settings(spec: ProtectionSpec | None) -> dict[str, Any]:
+    """What the API shows of a protection's settings: the fields a POST may set, so
+    that a GET's settings are a valid body to protect the same way again."""
+    if spec is None:
+        return {}
+    api = PROTECT_SCHEMA["properties"]
+    return {k: v for k, v in spec.to_dict().items() if k in api}
 
 
 def build_parser() -> argparse.ArgumentParser:

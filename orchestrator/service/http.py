@@ -296,8 +296,10 @@ _TYPES: Final[dict[str, Callable[[Any], bool]]] = {
     "object": lambda v: isinstance(v, dict),
     "array": lambda v: isinstance(v, list),
     "string": lambda v: isinstance(v, str),
-    # bool is an int in Python but not in JSON.
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    # bool is an int in Python but not in JSON. A number with a zero fractional part
+    # is an integer (JSON Schema 2020-12: 59999.0 is one; JSON has one number type).
+    "integer": lambda v: not isinstance(v, bool)
+    and (isinstance(v, int) or (isinstance(v, float) and v.is_integer())),
     "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v),
     "boolean": lambda v: isinstance(v, bool),
     "null": lambda v: v is None,
@@ -1039,6 +1041,9 @@ class HttpServer:
         self._servers: list[asyncio.Server] = []
         self._unix_paths: list[tuple[str, int, int]] = []  # path, st_dev, st_ino
         self._connections: set[_Connection] = set()
+        # event streams are held open for as long as a client likes: without a cap a
+        # client that keeps opening them holds a task and an fd each, for ever
+        self.max_connections = MAX_CONNECTIONS
 
     async def __aenter__(self) -> HttpServer:
         return self
@@ -1131,7 +1136,7 @@ class HttpServer:
         transport: str,
         token: str | None,
     ) -> None:
-        if self.closing:
+        if self.closing or len(self._connections) >= self.max_connections:
             writer.transport.abort()
             return
         task = asyncio.current_task()
@@ -1147,6 +1152,9 @@ class HttpServer:
             pass
         finally:
             self._connections.discard(conn)
+
+
+MAX_CONNECTIONS = 256  # open API connections, event streams included
 
 
 def _remove_stale_socket(path: str) -> None:

@@ -47,6 +47,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Literal, cast, get_args
 
+from ..protection.spec import ProtectionSpec, SpecError
+
 log = logging.getLogger(__name__)
 
 Role = Literal["primary", "secondary"]
@@ -93,6 +95,29 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         )
         """,
         "CREATE INDEX events_by_name ON events (name, id)",
+    ),
+    # version 2: a primary's settings become its ProtectionSpec document (the
+    # worker's --spec, what resume re-spawns from): name and peer in it, ms for
+    # every duration, and no derived "disk" (the spec says whether it replicates)
+    (
+        "ALTER TABLE protections RENAME COLUMN settings TO spec",
+        """
+        UPDATE protections
+        SET spec = json_remove(
+            json_set(spec, '$.name', name, '$.peer', peer, '$.mode', mode), '$.disk')
+        WHERE role = 'primary'
+        """,
+        """
+        UPDATE protections
+        SET spec = json_remove(
+            json_set(spec, '$.checkpoint_max_interval_ms',
+                     CAST(round(json_extract(spec, '$.checkpoint_max_interval_s') * 1000)
+                          AS INTEGER)),
+            '$.checkpoint_max_interval_s')
+        WHERE role = 'primary' AND json_extract(spec, '$.checkpoint_max_interval_s') IS NOT NULL
+        """,
+        # a secondary learns its settings from the primary's HELLO: it has none here
+        "UPDATE protections SET spec = '{}' WHERE role = 'secondary'",
     ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
@@ -142,8 +167,10 @@ class ProtectionRecord:
     role: Role
     peer: str
     mode: Mode
-    # a fresh dict per read: mutating it changes nothing in the registry
-    settings: dict[str, Any]
+    # a primary's settings, as its worker was started with them; None for a
+    # secondary (it learns them from the primary) or a document that no longer
+    # reads as one (logged; such a protection cannot be re-spawned)
+    spec: ProtectionSpec | None
     desired: Desired
     last_state: str
     reason: str
@@ -164,7 +191,7 @@ class EventRecord:
 
 
 _PROTECTION_COLUMNS: Final = (
-    "name, role, peer, mode, settings, desired, last_state, reason, checkpoints,"
+    "name, role, peer, mode, spec, desired, last_state, reason, checkpoints,"
     " created, updated, generation"
 )
 _EVENT_COLUMNS: Final = "id, ts, name, kind, message, data"
@@ -181,13 +208,23 @@ def _check(what: str, value: str, allowed: Sequence[str]) -> None:
         raise ValueError(f"{what} must be one of {', '.join(allowed)}, got {value!r}")
 
 
+def _spec(name: str, text: str) -> ProtectionSpec | None:
+    if text in ("", "{}"):
+        return None
+    try:
+        return ProtectionSpec.from_json(text)
+    except SpecError as exc:
+        log.warning("protection %s: its stored settings do not read: %s", name, exc)
+        return None
+
+
 def _protection(row: sqlite3.Row) -> ProtectionRecord:
     return ProtectionRecord(
         name=row["name"],
         role=cast(Role, row["role"]),
         peer=row["peer"],
         mode=cast(Mode, row["mode"]),
-        settings=json.loads(row["settings"]),
+        spec=_spec(row["name"], row["spec"]),
         desired=cast(Desired, row["desired"]),
         last_state=row["last_state"],
         reason=row["reason"],
@@ -301,14 +338,17 @@ class Registry:
         role: Role,
         peer: str,
         mode: Mode = "remus",
-        settings: dict[str, Any] | None = None,
+        spec: ProtectionSpec | None = None,
         desired: Desired = "protected",
         last_state: str = "starting",
         reason: str = "",
     ) -> ProtectionRecord:
         if not name:
             raise ValueError("a protection needs a name")
-        settings_json = _dumps(settings or {})
+        if spec is not None and (spec.name, spec.mode.value) != (name, mode):
+            # the row's columns and its document must not tell two stories
+            raise ValueError(f"spec of {spec.name!r} ({spec.mode.value}) for {name!r} ({mode})")
+        spec_json = "{}" if spec is None else _dumps(spec.to_dict())
         _check("role", role, ROLES)
         _check("mode", mode, MODES)
         _check("desired", desired, DESIRED)
@@ -319,7 +359,7 @@ class Registry:
                     f"INSERT INTO protections ({_PROTECTION_COLUMNS})"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, 1)"
                     f" RETURNING {_PROTECTION_COLUMNS}",
-                    (name, role, peer, mode, settings_json, desired, last_state, reason, now, now),
+                    (name, role, peer, mode, spec_json, desired, last_state, reason, now, now),
                 ).fetchone()
         except sqlite3.IntegrityError as exc:
             # the CHECKs are validated above, so a constraint here is the key

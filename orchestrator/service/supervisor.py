@@ -15,54 +15,56 @@ primary whose worker is gone is checked first (a domain left suspended or
 paused by a worker that died mid-checkpoint is resumed) and then protected
 anew if it is meant to be.
 
-The replication endpoint accepts primaries' connections for every
-protection, pairs each stream with its control connection by protection id
-and starts a secondary worker with both fds. A PROBE connection is answered
-with one HELLO describing this host (pre-flight for the other side).
+The replication endpoint (``transport/endpoint.py``) pairs each primary's
+stream with its control connection and answers PROBEs; each complete pair
+becomes a secondary worker holding both fds. What the supervisor knows of the
+host below (pre-flight, rescue of a domain whose worker died) it asks of
+``protection/host.py``: the service reaches nothing under ``protection/``.
+
+A worker gets its settings as one document, ``--spec`` (a
+:class:`~orchestrator.protection.spec.ProtectionSpec` in JSON), the same one
+the registry keeps and a restart re-spawns from.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import uuid as uuidlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from ..devices.netbuf_nfqueue import nfqueue_available, remove_stale_rules
-from ..devices.netbuf_plug import plug_available
-from ..hypervisors.base import DomainNotFound, Hypervisor, HypervisorError
-from ..protection.fence import marker_path
-from ..savehelper.spawn import HelperNotFound, find_helper
-from ..transport.channels import (
-    CONTROL,
-    MAGIC,
-    PREAMBLE,
-    PROBE,
-    STREAM,
-    ChannelError,
-    parse_addr,
-    probe,
+from ..protection.host import (
+    Endpoint,
+    Hypervisor,
+    IncomingPair,
+    describe_host,
+    preflight,
+    rescue_domain,
+    sim_host_dir,
 )
-from ..transport.control import PROTOCOL_VERSION, ControlError, Hello, encode_event
+from ..protection.spec import Mode, ProtectionSpec, SpecError
+from ..protection.status import ProtectionStatus, Role, State
 from .config import Config, parse_hostport
-from .registry import Mode
+from .registry import NotFound, ProtectionRecord, Registry
 
 log = logging.getLogger(__name__)
 
 POLL: Final = 0.25
 WORKER_MODULE: Final = "orchestrator.protection.worker"
-LIVE_STATES: Final = ("starting", "replicating", "failing-over")
+LIVE_STATES: Final = (State.STARTING.value, State.REPLICATING.value, State.FAILING_OVER.value)
+# a secondary worker names itself in its status file once the primary's HELLO said
+# which domain it receives; until then the supervisor knows it by this tag
+INCOMING: Final = "incoming"
+# a secondary heard from its primary this recently may not be failed over unforced
+PRIMARY_ALIVE_S: Final = 1.0
 
 
 class ProtectError(Exception):
@@ -74,45 +76,11 @@ class ProtectError(Exception):
 
 
 @dataclass
-class ProtectRequest:
-    name: str
-    peer: str
-    interval_ms: int = 200
-    netbuf: str = "auto"  # auto|plug|nfqueue|proxy
-    no_netbuf: bool = False  # -n (COLO: output is not compared)
-    no_disk: bool = False  # -d (COLO: ignored, it never replicates the disk)
-    unsafe: bool = False  # -F
-    mode: Mode = "remus"
-    checkpoint_max_interval_s: float = 5.0  # COLO
-    compare_timeout_ms: float = 100.0  # COLO
-
-    def settings(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "mode": self.mode,
-            "interval_ms": self.interval_ms,
-            "netbuf": self.netbuf,
-            "no_netbuf": self.no_netbuf,
-            "no_disk": self.no_disk,
-            "unsafe": self.unsafe,
-            "disk": "not replicated" if self.no_disk else "replicated",
-        }
-        if self.mode == "colo":
-            # the secondary copy runs and writes a disk of its own: said here so that
-            # nobody reads "protected" as "the disk is safe too"
-            out.update(
-                checkpoint_max_interval_s=self.checkpoint_max_interval_s,
-                compare_timeout_ms=self.compare_timeout_ms,
-                disk="not replicated",
-            )
-        return out
-
-
-@dataclass
 class Worker:
     """A running worker process, started by us or found again after a restart."""
 
     name: str
-    role: str
+    role: Role
     pid: int
     proc: subprocess.Popen[bytes] | None = None
     last_state: str = ""
@@ -131,33 +99,26 @@ def _worker_pid_alive(pid: int, name: str) -> bool:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
-    if stat.rsplit(")", 1)[1].split()[0] == "Z":
+    if stat.rsplit(")", 1)[1].split()[0] == "Z" or WORKER_MODULE.encode() not in argv:
         return False
-    return WORKER_MODULE.encode() in argv and (name.encode() in argv or b"secondary" in argv)
+    if b"secondary" in argv:  # it names itself only in its status file
+        return True
+    try:
+        spec = ProtectionSpec.from_json(argv[argv.index(b"--spec") + 1].decode())
+    except (ValueError, IndexError, SpecError):
+        return False
+    return spec.name == name
 
 
-def _free_memory() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def netbuf_options(hv: Hypervisor, domid: int) -> dict[str, str | None]:
-    """Each output-buffer kind and why it cannot be used here (None: it can)."""
-    vif = hv.vif_name(domid)
-    return {
-        "plug": plug_available() if vif else "the guest has no vif (not root)",
-        "nfqueue": nfqueue_available() if vif else "the guest has no vif (not root)",
-        "proxy": None,
-    }
+def _reasons(reasons: list[Any]) -> list[dict[str, str]]:
+    return [r.to_dict() for r in reasons]
 
 
 class Supervisor:
     def __init__(
         self,
         cfg: Config,
-        registry: Any,
+        registry: Registry,
         hv: Hypervisor,
         emit: Callable[[str, str, str | None, dict[str, Any] | None], None],
     ) -> None:
@@ -166,48 +127,47 @@ class Supervisor:
         self.workers: dict[str, Worker] = {}
         self.status_dir = cfg.workers_dir
         self.status_dir.mkdir(parents=True, exist_ok=True)
-        self._listener: socket.socket | None = None
-        self._acceptor: asyncio.Task[None] | None = None
-        self._accepting: set[asyncio.Task[None]] = set()
-        self._partial: dict[bytes, dict[int, socket.socket]] = {}
+        self._endpoint: Endpoint | None = None
+        self._receiver: asyncio.Task[None] | None = None
         self._poller: asyncio.Task[None] | None = None
         self._restart_at: dict[str, float] = {}
         self._backoff: dict[str, float] = {}
+        self._incoming = 0
         self.failovers = 0
-        self.replication_port = 0
+
+    @property
+    def replication_port(self) -> int:
+        return self._endpoint.port if self._endpoint is not None else 0
 
     # -- life cycle -------------------------------------------------------------
 
     async def start(self) -> None:
-        await self._start_endpoint()
+        addr = parse_hostport("replication.listen", self.cfg.replication.listen)
+        assert addr is not None
+        self._endpoint = Endpoint(addr[0], addr[1], lambda: describe_host(self.hv))
+        await self._endpoint.start()
+        self._receiver = asyncio.create_task(self._receive_forever(self._endpoint))
         for rec in self.registry.list():
             await self._recover(rec)
         self._poller = asyncio.create_task(self._poll_forever())
 
     async def close(self) -> None:
         """remusd stops; its workers carry on (a restarted remusd re-attaches)."""
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
-        if self._acceptor is not None:
-            self._acceptor.cancel()
-        for task in list(self._accepting):
-            task.cancel()
-        if self._listener is not None:
-            self._listener.close()
-        for slot in self._partial.values():
-            for s in slot.values():
-                s.close()
+        for task in (self._poller, self._receiver):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._endpoint is not None:
+            await self._endpoint.close()
 
-    async def _recover(self, rec: Any) -> None:
-        st = self.read_status(rec.name) or {}
-        pid = int(st.get("pid", 0))
-        if pid and _worker_pid_alive(pid, rec.name):
-            self.workers[rec.name] = Worker(rec.name, rec.role, pid, last_state=st["state"])
-            self.emit("restart", f"re-attached to worker {pid}", rec.name, {"pid": pid})
+    async def _recover(self, rec: ProtectionRecord) -> None:
+        st = self.read_status(rec.name)
+        if st is not None and _worker_pid_alive(st.pid, rec.name):
+            self.workers[rec.name] = Worker(rec.name, st.role, st.pid, last_state=st.state.value)
+            self.emit("restart", f"re-attached to worker {st.pid}", rec.name, {"pid": st.pid})
             return
-        if rec.role != "primary":
+        if rec.role != Role.PRIMARY.value:
             if rec.last_state in LIVE_STATES:
                 self.registry.update_state(rec.name, "stopped", "worker gone while remusd was down")
             return
@@ -216,111 +176,26 @@ class Supervisor:
             self.emit(
                 "restart", "worker gone while remusd was down: protecting anew", rec.name, None
             )
-            await self._spawn_primary(rec.name, rec.peer, rec.settings)
+            await self._spawn_primary(self._spec_of(rec))
 
     def _rescue_domain(self, name: str) -> None:
-        """A worker that died mid-checkpoint leaves its guest suspended: resume it; and
-        its output buffer (NFQUEUE rules with nobody reading the queue) would keep
-        every packet the guest sends: drop it."""
-        if marker_path(self.status_dir, name).exists():
-            # the worker's fence guard stopped this copy: the secondary runs the guest
-            # now, and resuming ours would make two
-            self.emit("fenced", "domain was fenced by its guard: not resumed", name, None)
-            return
-        try:
-            info = self.hv.lookup(name)
-        except DomainNotFound:
-            return
-        vif = self.hv.vif_name(info.domid)
-        if vif is not None:
-            remove_stale_rules(vif)
-        try:
-            if info.state == "shutdown" and info.shutdown_reason == "suspend":
-                asyncio.get_running_loop().create_task(self.hv.resume(info.domid))
-                self.emit("resumed", "domain was left suspended: resumed", name, None)
-            elif info.state == "paused":
-                self.hv.unpause(info.domid)
-                self.emit("resumed", "domain was left paused: unpaused", name, None)
-        except HypervisorError as exc:
-            self.emit("error", f"could not resume the domain: {exc}", name, None)
+        for kind, message in rescue_domain(self.hv, name, self.status_dir):
+            self.emit(kind, message, name, None)
+
+    def _spec_of(self, rec: ProtectionRecord) -> ProtectionSpec:
+        if rec.spec is None:
+            raise ProtectError(
+                "NOT_PROTECTABLE",
+                f"{rec.name}: its stored settings do not read: unprotect and protect it again",
+            )
+        return rec.spec
 
     # -- requests ------------------------------------------------------------------
 
-    async def preflight(self, req: ProtectRequest) -> list[dict[str, str]]:
-        """Every reason the domain cannot be protected as asked (empty: it can)."""
-        reasons: list[dict[str, str]] = []
-
-        def fail(check: str, message: str) -> None:
-            reasons.append({"check": check, "message": message})
-
-        info = None
-        try:
-            info = self.hv.lookup(req.name)
-            if info.state != "running":
-                fail("domain_running", f"domain {req.name} is {info.state}, not running")
-        except DomainNotFound as exc:
-            fail("domain_exists", str(exc))
-        colo = req.mode == "colo"
-        # COLO replicates no disk whatever -d says, so -d asks for nothing unsafe there
-        disk_flag = req.no_disk and not colo
-        unsafe = [f for f, on in (("-n", req.no_netbuf), ("-d", disk_flag)) if on]
-        if unsafe and not req.unsafe:
-            fail("unsafe", f"{' '.join(unsafe)} needs unsafe (-F), as with xl remus")
-        try:
-            find_helper(self.hv.helper_env())
-        except HelperNotFound as exc:
-            fail("helper", str(exc))
-        if colo:
-            self._preflight_colo(req, info, fail)
-        elif info is not None and not req.no_netbuf:
-            options = netbuf_options(self.hv, info.domid)
-            if req.netbuf != "auto" and options.get(req.netbuf):
-                fail("netbuf", f"{req.netbuf}: {options[req.netbuf]}")
-        try:
-            parse_addr(req.peer)
-        except ValueError:
-            fail("peer_address", f"peer {req.peer!r} is not HOST[:PORT]")
-            return reasons
-        try:
-            peer = await probe(req.peer, timeout=3.0)
-        except (OSError, TimeoutError, ChannelError) as exc:
-            fail("peer_reachable", f"peer {req.peer}: {exc or type(exc).__name__}")
-        except ControlError as exc:
-            fail("peer_version", f"peer {req.peer}: {exc}")
-        else:
-            free = int(peer.config.get("free_memory_bytes", 0))
-            if info is not None and free < info.memory_bytes:
-                fail(
-                    "peer_memory",
-                    f"peer has {free >> 20} MiB free, the domain needs {info.memory_bytes >> 20}",
-                )
-            if req.name in peer.config.get("domains", []):
-                fail("peer_name", f"peer already runs a domain named {req.name}")
-            if colo and peer.config.get("backend") == "xen":
-                fail("colo", f"peer {req.peer} runs Xen, which has no COLO for PV guests")
-        return reasons
-
-    def _preflight_colo(
-        self, req: ProtectRequest, info: Any, fail: Callable[[str, str], None]
-    ) -> None:
-        if self.hv.name == "xen":
-            fail("colo", "COLO on Xen is not supported (Xen ships COLO for HVM guests only)")
-        if info is None or req.no_netbuf:
-            return
-        # the worker would find this out only after connecting to the peer
-        vif = self.hv.vif_name(info.domid)
-        why = nfqueue_available() if vif else "the guest has no vif (not root)"
-        if why:
-            fail(
-                "colo_compare",
-                f"COLO compares the guest's output with NFQUEUE: {why} "
-                "(-n -F runs COLO without comparing: output leaves unchecked)",
-            )
-
-    async def protect(self, req: ProtectRequest) -> None:
-        if req.name in self.workers and self.workers[req.name].alive():
-            raise ProtectError("ALREADY_PROTECTED", f"{req.name} is already protected")
-        reasons = await self.preflight(req)
+    async def protect(self, spec: ProtectionSpec) -> None:
+        if spec.name in self.workers and self.workers[spec.name].alive():
+            raise ProtectError("ALREADY_PROTECTED", f"{spec.name} is already protected")
+        reasons = _reasons(await preflight(self.hv, spec))
         if reasons:
             unreachable = [r for r in reasons if r["check"] == "peer_reachable"]
             if reasons[0]["check"] == "domain_exists":
@@ -328,45 +203,22 @@ class Supervisor:
             code = "PEER_UNREACHABLE" if unreachable == reasons else "NOT_PROTECTABLE"
             raise ProtectError(code, "; ".join(r["message"] for r in reasons), reasons)
         self.registry.add_protection(
-            name=req.name, role="primary", peer=req.peer, mode=req.mode, settings=req.settings()
+            name=spec.name, role="primary", peer=spec.peer, mode=spec.mode.value, spec=spec
         )
-        what = " with COLO (the disk is not replicated)" if req.mode == "colo" else ""
-        self.emit("protected", f"protecting to {req.peer}{what}", req.name, req.settings())
-        await self._spawn_primary(req.name, req.peer, req.settings())
+        what = " with COLO (the disk is not replicated)" if spec.mode is Mode.COLO else ""
+        self.emit("protected", f"protecting to {spec.peer}{what}", spec.name, spec.to_dict())
+        await self._spawn_primary(spec)
 
-    async def _spawn_primary(self, name: str, peer: str, settings: dict[str, Any]) -> None:
-        argv = [
-            *self._worker_base(),
-            "-i",
-            str(settings.get("interval_ms", self.cfg.replication.interval_ms)),
-            "primary",
-            name,
-            "--to",
-            peer,
-        ]
-        if settings.get("mode") == "colo":
-            argv += [
-                "--colo",
-                "--checkpoint-max-interval",
-                str(settings.get("checkpoint_max_interval_s", 5.0)),
-                "--compare-timeout",
-                str(settings.get("compare_timeout_ms", 100.0)),
-            ]
-            if settings.get("no_netbuf"):
-                argv.append("-n")
-        else:
-            netbuf = "none" if settings.get("no_netbuf") else str(settings.get("netbuf", "auto"))
-            argv += ["--netbuf", netbuf]
-            if settings.get("no_disk"):
-                argv.append("-d")
+    async def _spawn_primary(self, spec: ProtectionSpec) -> None:
+        argv = [*self._worker_base(), "primary", "--spec", spec.to_json()]
         # a stale status file must not be read as the new worker's
-        self.status_path(name).unlink(missing_ok=True)
-        proc = self._popen(argv, name, ())
-        self.workers[name] = Worker(name, "primary", proc.pid, proc)
-        self.registry.update_state(name, "starting", "")
+        self.status_path(spec.name).unlink(missing_ok=True)
+        proc = self._popen(argv, spec.name, ())
+        self.workers[spec.name] = Worker(spec.name, Role.PRIMARY, proc.pid, proc)
+        self.registry.update_state(spec.name, "starting", "")
 
     def _worker_base(self) -> list[str]:
-        host = getattr(self.hv, "host", None)  # the simulated host's directory
+        host = sim_host_dir(self.hv)
         return [
             sys.executable,
             "-m",
@@ -376,8 +228,6 @@ class Supervisor:
             self.hv.name,
             "--status-dir",
             str(self.status_dir),
-            "--heartbeat-timeout",
-            str(self.cfg.replication.heartbeat_timeout_ms),
         ]
 
     def _popen(self, argv: list[str], tag: str, fds: tuple[int, ...]) -> subprocess.Popen[bytes]:
@@ -394,7 +244,7 @@ class Supervisor:
 
     async def unprotect(self, name: str, keep_record: bool = False) -> None:
         rec = self.registry.get(name)
-        if rec.role != "primary":
+        if rec.role != Role.PRIMARY.value:
             raise ProtectError(
                 "WRONG_ROLE", f"{name} is the secondary here: unprotect it on the primary"
             )
@@ -408,6 +258,9 @@ class Supervisor:
                 await asyncio.sleep(0.05)
         self._poll_one(name)
         self.workers.pop(name, None)
+        # no restart is due for a protection ended on purpose
+        self._backoff.pop(name, None)
+        self._restart_at.pop(name, None)
         self._rescue_domain(name)
         if keep_record:
             self.registry.update_state(name, "paused", "replication paused by the administrator")
@@ -419,27 +272,29 @@ class Supervisor:
 
     async def resume(self, name: str) -> None:
         rec = self.registry.get(name)
-        if rec.role != "primary":
+        if rec.role != Role.PRIMARY.value:
             raise ProtectError("WRONG_ROLE", f"{name} is the secondary here")
         if name in self.workers and self.workers[name].alive():
             raise ProtectError("ALREADY_PROTECTED", f"{name} is replicating")
+        spec = self._spec_of(rec)
         self.registry.set_desired(name, "protected")
         self.emit("resumed-replication", "replication resumed (full resynchronisation)", name, None)
-        await self._spawn_primary(name, rec.peer, rec.settings)
+        await self._spawn_primary(spec)
 
     def failover(self, name: str, force: bool) -> None:
         rec = self.registry.get(name)
-        st = self.read_status(name) or {}
+        st = self.read_status(name)
         w = self.workers.get(name)
-        if rec.role != "secondary" or w is None or not w.alive():
+        if rec.role != Role.SECONDARY.value or w is None or not w.alive():
             raise ProtectError(
                 "NOT_SECONDARY", f"{name} has no running secondary here to fail over"
             )
-        age = st.get("last_heartbeat_age")
-        if age is not None and age < 1.0 and not force:
+        age = st.last_heartbeat_age_s if st is not None else None
+        if age is not None and age < PRIMARY_ALIVE_S and not force:
             raise ProtectError(
                 "PRIMARY_ALIVE",
-                f"the primary of {name} was heard {age} s ago: two copies would run (force it)",
+                f"the primary of {name} was heard {age:.3g} s ago: two copies would run "
+                "(force it)",
             )
         os.kill(w.pid, signal.SIGUSR1)
         self.emit("failover-requested", "failover forced by the administrator", name, None)
@@ -449,12 +304,8 @@ class Supervisor:
     def status_path(self, name: str) -> Path:
         return self.status_dir / f"{name}.json"
 
-    def read_status(self, name: str) -> dict[str, Any] | None:
-        try:
-            data: dict[str, Any] = json.loads(self.status_path(name).read_text())
-        except (FileNotFoundError, ValueError):
-            return None
-        return data
+    def read_status(self, name: str) -> ProtectionStatus | None:
+        return ProtectionStatus.read(self.status_path(name))
 
     async def _poll_forever(self) -> None:
         while True:
@@ -468,55 +319,59 @@ class Supervisor:
     def _poll_all(self) -> None:
         for name in list(self.workers):
             self._poll_one(name)
+        pending = [w for w in self.workers.values() if w.name.startswith(f"{INCOMING}-")]
+        if not pending:
+            return
         # secondaries started by the endpoint name themselves in their status file
         for path in self.status_dir.glob("*.json"):
             name = path.stem
             if name in self.workers:
                 continue
-            st = self.read_status(name)
-            pending = [w for w in self.workers.values() if w.name.startswith("incoming-")]
+            st = ProtectionStatus.read(path)
+            if st is None or st.role is not Role.SECONDARY:
+                continue
             for w in pending:
-                if st is not None and st.get("pid") == w.pid and st.get("role") == "secondary":
+                if st.pid == w.pid:
                     del self.workers[w.name]
                     w.name = name
                     self.workers[name] = w
+                    pending.remove(w)
                     self._adopt_secondary(name, st)
                     break
 
-    def _adopt_secondary(self, name: str, st: dict[str, Any]) -> None:
-        with contextlib.suppress(Exception):
+    def _adopt_secondary(self, name: str, st: ProtectionStatus) -> None:
+        with contextlib.suppress(NotFound):
             self.registry.remove(name)  # a previous protection of the same domain
         # the secondary learns COLO from the primary's HELLO, so only its worker knows
-        mode: Mode = "colo" if st.get("mode") == "colo" else "remus"
         self.registry.add_protection(
-            name=name, role="secondary", peer=str(st.get("peer", "")), mode=mode, settings={}
+            name=name, role="secondary", peer=st.peer, mode=st.mode.value, spec=None
         )
-        self.emit("receiving", f"secondary copy started ({mode})", name, None)
+        self.emit("receiving", f"secondary copy started ({st.mode.value})", name, None)
 
     def _poll_one(self, name: str) -> None:
         w = self.workers.get(name)
-        if w is None or w.name.startswith("incoming-"):
+        if w is None or w.name.startswith(f"{INCOMING}-"):
             if w is not None and not w.alive():
                 self.workers.pop(name, None)
             return
         st = self.read_status(name)
-        state = str(st["state"]) if st else "starting"
+        state = st.state.value if st is not None else State.STARTING.value
         alive = w.alive()
         if not alive and state in LIVE_STATES:
             state = "error"
             reason = "worker exited unexpectedly"
         else:
-            reason = str(st.get("reason", "")) if st else ""
+            reason = st.reason if st is not None else ""
         if state != w.last_state:
             w.last_state = state
             with contextlib.suppress(Exception):
                 self.registry.update_state(
-                    name, state, reason, st.get("checkpoints") if st else None
+                    name, state, reason, st.checkpoints if st is not None else None
                 )
             self.emit(f"state-{state}", reason or state, name, None)
-            if state == "failed-over":
+            if state == State.FAILED_OVER.value:
                 self.failovers += 1
-            if state == "replicating":
+            if state == State.REPLICATING.value:
                 self._backoff.pop(name, None)
         if not alive:
             self.workers.pop(name, None)
@@ -525,9 +380,9 @@ class Supervisor:
     def _after_exit(self, name: str, state: str, reason: str) -> None:
         try:
             rec = self.registry.get(name)
-        except Exception:
+        except NotFound:
             return
-        if rec.role != "primary" or rec.desired != "protected":
+        if rec.role != Role.PRIMARY.value or rec.desired != "protected":
             return
         self._rescue_domain(name)
         delay = min(60.0, self._backoff.get(name, 0.5) * 2)
@@ -543,97 +398,48 @@ class Supervisor:
             del self._restart_at[name]
             try:
                 rec = self.registry.get(name)
-            except Exception:
+            except NotFound:
                 continue
             if rec.desired == "protected" and name not in self.workers:
-                await self._spawn_primary(name, rec.peer, rec.settings)
+                try:
+                    spec = self._spec_of(rec)
+                except ProtectError as exc:
+                    self.emit("error", exc.message, name, None)
+                    continue
+                await self._spawn_primary(spec)
 
-    # -- replication endpoint ---------------------------------------------------------
+    # -- the receiving side ------------------------------------------------------------
 
-    async def _start_endpoint(self) -> None:
-        addr = parse_hostport("replication.listen", self.cfg.replication.listen)
-        assert addr is not None
-        # a raw listening socket, not asyncio.start_server: a transport starts reading
-        # at once, and bytes past the preamble (a primary's HELLO) belong to the worker
-        # that inherits the fd, so nothing may read one byte more than the preamble
-        family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
-        lsock = socket.socket(family, socket.SOCK_STREAM)
-        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        lsock.bind(addr)
-        lsock.listen(128)
-        lsock.setblocking(False)
-        self._listener = lsock
-        self.replication_port = lsock.getsockname()[1]
-        self._acceptor = asyncio.create_task(self._accept_forever(lsock))
-
-    async def _accept_forever(self, lsock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
+    async def _receive_forever(self, endpoint: Endpoint) -> None:
         while True:
-            conn, _ = await loop.sock_accept(lsock)
-            conn.setblocking(False)
-            task = asyncio.create_task(self._accept(conn))
-            self._accepting.add(task)
-            task.add_done_callback(self._accepting.discard)
+            pair = await endpoint.next_pair()
+            try:
+                self._spawn_secondary(pair)
+            except Exception:  # one failed spawn must not stop the endpoint
+                log.exception("starting a secondary for protection %s", pair.protection)
+            finally:
+                pair.close()  # the worker holds its own copies of both fds
 
-    async def _accept(self, conn: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        raw = b""
-        try:
-            async with asyncio.timeout(10):
-                while len(raw) < PREAMBLE.size:
-                    chunk = await loop.sock_recv(conn, PREAMBLE.size - len(raw))
-                    if not chunk:
-                        raise ConnectionError("closed inside the preamble")
-                    raw += chunk
-            magic, kind, pid = PREAMBLE.unpack(raw)
-        except (OSError, TimeoutError):
-            conn.close()
-            return
-        if magic != MAGIC or kind not in (STREAM, CONTROL, PROBE):
-            conn.close()
-            return
-        conn.setblocking(True)
-        if kind == PROBE:
-            await asyncio.to_thread(self._answer_probe, conn)
-            return
-        slot = self._partial.setdefault(pid, {})
-        old = slot.pop(kind, None)
-        if old is not None:
-            old.close()
-        slot[kind] = conn
-        if STREAM in slot and CONTROL in slot:
-            del self._partial[pid]
-            self._spawn_secondary(str(uuidlib.UUID(bytes=pid)), slot[STREAM], slot[CONTROL])
+    def _secondary_spec(self) -> ProtectionSpec:
+        """The secondary's own settings: this host's timeouts; the rest comes in the
+        primary's HELLO."""
+        return self.cfg.spec_defaults(INCOMING)
 
-    def _answer_probe(self, sock: socket.socket) -> None:
-        hello = Hello(
-            "probe",
-            {
-                "free_memory_bytes": _free_memory(),
-                "domains": [d.name for d in self.hv.list_domains()],
-                "backend": self.hv.name,
-            },
-            ("ack", "disk"),
-            PROTOCOL_VERSION,
-        )
-        with contextlib.suppress(OSError):
-            sock.sendall(encode_event(hello))
-        sock.close()
-
-    def _spawn_secondary(self, protection: str, stream: socket.socket, ctl: socket.socket) -> None:
+    def _spawn_secondary(self, pair: IncomingPair) -> None:
+        stream, ctl = pair.stream.fileno(), pair.control.fileno()
         argv = [
             *self._worker_base(),
             "secondary",
             "--stream-fd",
-            str(stream.fileno()),
+            str(stream),
             "--control-fd",
-            str(ctl.fileno()),
+            str(ctl),
+            "--spec",
+            self._secondary_spec().to_json(),
         ]
-        tag = f"incoming-{protection}"
-        proc = self._popen(argv, tag, (stream.fileno(), ctl.fileno()))
-        stream.close()
-        ctl.close()
-        self.workers[tag] = Worker(tag, "secondary", proc.pid, proc)
+        tag = f"{INCOMING}-{pair.protection}"
+        proc = self._popen(argv, tag, (stream, ctl))
+        self.workers[tag] = Worker(tag, Role.SECONDARY, proc.pid, proc)
 
 
 def _package_root() -> str:

@@ -29,8 +29,11 @@ JSON = st.recursive(
     ),
     max_leaves=10,
 )
-# peers that answer at once: nothing here may wait on DNS
-PEERS = st.sampled_from(["127.0.0.1:1", "x:y", "", "[::1]:2", "127.0.0.1", "a" * 300])
+# peers that answer at once: nothing here may wait on DNS (nor may a non-ASCII name,
+# which the resolver's IDNA step would refuse with UnicodeError, not OSError)
+PEERS = st.sampled_from(
+    ["127.0.0.1:1", "x:y", "", "[::1]:2", "127.0.0.1", "a" * 300, "hôte:1", "\u00e9" * 70]
+)
 
 
 def from_schema(schema: dict[str, Any]) -> st.SearchStrategy[Any]:

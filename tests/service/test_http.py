@@ -736,8 +736,11 @@ def test_validate_edge_cases() -> None:
     validate({"enum": [1]}, 1)
     with pytest.raises(ApiError):
         validate({"enum": [1]}, True)  # JSON's true is not 1
+    validate({"type": "integer"}, 1.0)  # JSON Schema 2020-12: a zero fraction is an integer
     with pytest.raises(ApiError):
-        validate({"type": "integer"}, 1.0)
+        validate({"type": "integer"}, 1.5)
+    with pytest.raises(ApiError):
+        validate({"type": "integer"}, float("inf"))
     with pytest.raises(ApiError) as info:
         validate({"type": "object", "additionalProperties": {"type": "integer"}}, {"a": "x"})
     assert info.value.details == {

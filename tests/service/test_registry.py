@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import orchestrator
+from orchestrator.protection.spec import Mode, Netbuf, ProtectionSpec
 from orchestrator.service import registry as registry_mod
 from orchestrator.service.registry import (
     SCHEMA_VERSION,
@@ -62,24 +63,39 @@ def child(code: str, *args: str, **kw: object) -> subprocess.Popen[str]:
 
 
 def test_add_get_list(reg: Registry) -> None:
-    rec = reg.add_protection(
-        "vm1", role="primary", peer="hostB:8002", settings={"interval_ms": 100, "netbuf": "plug"}
-    )
+    spec = ProtectionSpec("vm1", "hostB:8002", interval_ms=100, netbuf=Netbuf.PLUG)
+    rec = reg.add_protection("vm1", role="primary", peer="hostB:8002", spec=spec)
     assert rec.name == "vm1" and rec.role == "primary" and rec.peer == "hostB:8002"
     assert rec.mode == "remus" and rec.desired == "protected"
     assert rec.last_state == "starting" and rec.reason == "" and rec.checkpoints == 0
-    assert rec.settings == {"interval_ms": 100, "netbuf": "plug"}
+    assert rec.spec == spec
     assert rec.generation == 1 and rec.created == rec.updated
     assert reg.get("vm1") == rec
-    reg.add_protection("a-secondary", role="secondary", peer="hostA", mode="colo")
+    sec = reg.add_protection("a-secondary", role="secondary", peer="hostA", mode="colo")
+    assert sec.spec is None  # a secondary learns its settings from the primary
     assert [r.name for r in reg.list()] == ["a-secondary", "vm1"]
 
 
-def test_settings_are_a_copy(reg: Registry) -> None:
-    reg.add_protection("vm1", role="primary", peer="b", settings={"unsafe": False})
-    rec = reg.get("vm1")
-    rec.settings["unsafe"] = True
-    assert reg.get("vm1").settings == {"unsafe": False}
+def test_the_spec_is_one_document_and_tells_the_columns_story(reg: Registry, db: Path) -> None:
+    spec = ProtectionSpec("vm1", "b", mode=Mode.COLO, checkpoint_max_interval_ms=1500)
+    reg.add_protection("vm1", role="primary", peer="b", mode="colo", spec=spec)
+    raw = sqlite3.connect(db)
+    (doc,) = raw.execute("SELECT spec FROM protections WHERE name = 'vm1'").fetchone()
+    raw.close()
+    assert ProtectionSpec.from_json(doc) == spec
+    with pytest.raises(ValueError, match="spec of 'vm1'"):
+        reg.add_protection("vm2", role="primary", peer="b", spec=spec)
+    with pytest.raises(ValueError, match="remus"):
+        reg.add_protection("vm1x", role="primary", peer="b", mode="remus", spec=spec)
+
+
+def test_unreadable_spec_reads_as_none(reg: Registry, db: Path) -> None:
+    reg.add_protection("vm1", role="primary", peer="b", spec=ProtectionSpec("vm1", "b"))
+    raw = sqlite3.connect(db)
+    raw.execute("""UPDATE protections SET spec = '{"name": "vm1", "colour": 1}'""")
+    raw.commit()
+    raw.close()
+    assert reg.get("vm1").spec is None  # listed still, never a crash of every GET
 
 
 def test_already_exists_and_not_found(reg: Registry) -> None:
@@ -105,7 +121,8 @@ def test_invalid_values_refused(reg: Registry) -> None:
     with pytest.raises(ValueError, match="name"):
         reg.add_protection("", role="primary", peer="b")
     with pytest.raises(ValueError):  # strict JSON: NaN fails at the writer
-        reg.add_protection("vm1", role="primary", peer="b", settings={"x": float("nan")})
+        nan = ProtectionSpec("vm1", "b", compare_timeout_ms=float("nan"))
+        reg.add_protection("vm1", role="primary", peer="b", spec=nan)
     assert reg.list() == []
     reg.add_protection("vm1", role="primary", peer="b")
     with pytest.raises(ValueError, match="desired"):
@@ -190,7 +207,8 @@ def test_prune_keeps_newest_and_never_reuses_ids(reg: Registry) -> None:
 
 def test_reopen_keeps_everything(db: Path) -> None:
     with Registry(db) as reg:
-        reg.add_protection("vm1", role="primary", peer="b", settings={"netbuf": "none"})
+        spec = ProtectionSpec("vm1", "b", no_netbuf=True, unsafe=True)
+        reg.add_protection("vm1", role="primary", peer="b", spec=spec)
         reg.update_state("vm1", "replicating", "", checkpoints=42)
         reg.set_desired("vm1", "paused")
         events = [reg.append_event("failover", f"e{i}", name="vm1") for i in range(3)]
@@ -223,6 +241,35 @@ def test_migration_to_a_later_version(db: Path, monkeypatch: pytest.MonkeyPatch)
     with Registry(db) as reg:
         assert reg.schema_version() == len(later)
         assert reg.get("vm1").peer == "b"
+
+
+def test_version_1_settings_become_specs(db: Path) -> None:
+    """A registry written before ProtectionSpec: its settings rows are upgraded in place,
+    seconds to ms, the derived "disk" dropped, and resume can re-spawn from them."""
+    raw = sqlite3.connect(db, isolation_level=None)
+    for statement in registry_mod.MIGRATIONS[0]:
+        raw.execute(statement)
+    raw.execute("PRAGMA user_version = 1")
+    row = (
+        "INSERT INTO protections VALUES (?, ?, ?, ?, ?, 'protected', 'replicating', '', 0, 1, 1, 1)"
+    )
+    old_remus = '{"mode":"remus","interval_ms":50,"netbuf":"auto","no_netbuf":false,'
+    old_remus += '"no_disk":true,"unsafe":true,"disk":"not replicated"}'
+    old_colo = '{"mode":"colo","interval_ms":200,"netbuf":"auto","no_netbuf":false,'
+    old_colo += '"no_disk":false,"unsafe":false,"disk":"not replicated",'
+    old_colo += '"checkpoint_max_interval_s":0.5,"compare_timeout_ms":200.0}'
+    raw.execute(row, ("r", "primary", "hostB:8002", "remus", old_remus))
+    raw.execute(row, ("c", "primary", "hostB:8002", "colo", old_colo))
+    raw.execute(row, ("s", "secondary", "hostA", "remus", "{}"))
+    raw.close()
+    with Registry(db) as reg:
+        assert reg.schema_version() == SCHEMA_VERSION
+        r, c, s = reg.get("r").spec, reg.get("c").spec, reg.get("s").spec
+    assert r == ProtectionSpec("r", "hostB:8002", interval_ms=50, no_disk=True, unsafe=True)
+    assert c == ProtectionSpec(
+        "c", "hostB:8002", Mode.COLO, checkpoint_max_interval_ms=500, compare_timeout_ms=200.0
+    )
+    assert s is None
 
 
 def test_failed_migration_rolls_back(db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -281,7 +328,7 @@ from pathlib import Path
 from orchestrator.service.registry import Registry
 
 reg = Registry(Path(sys.argv[1]))
-reg.add_protection("vm1", role="primary", peer="hostB", settings={"interval_ms": 1})
+reg.add_protection("vm1", role="primary", peer="hostB")
 i = 0
 while True:
     i += 1

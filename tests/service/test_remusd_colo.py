@@ -23,6 +23,7 @@ import pytest
 
 from orchestrator.devices.netbuf_nfqueue import nfqueue_available
 from orchestrator.hypervisors.sim import have_netns
+from orchestrator.protection.spec import Mode, ProtectionSpec
 from orchestrator.service.client import ApiClientError
 from orchestrator.service.daemon import PROTECTION_SCHEMA
 from orchestrator.service.http import ApiError, validate
@@ -62,9 +63,10 @@ def test_the_colo_fields_are_validated_and_name_the_field(one: Remusd) -> None:
     for field, value, problem in (
         ("mode", "xen", 'must be one of "remus", "colo"'),
         ("mode", 1, "must be a string, not an integer"),
-        ("checkpoint_max_interval_s", 0, "must be > 0"),
-        ("checkpoint_max_interval_s", 7200, "must be <= 3600"),
-        ("checkpoint_max_interval_s", "5", "must be a number, not a string"),
+        ("checkpoint_max_interval_ms", 0, "must be >= 1"),
+        ("checkpoint_max_interval_ms", 7_200_000, "must be <= 3600000"),
+        ("checkpoint_max_interval_ms", "5", "must be an integer, not a string"),
+        ("checkpoint_max_interval_ms", 1.5, "must be an integer, not a number"),
         ("compare_timeout_ms", -1, "must be > 0"),
         ("compare_timeout_ms", True, "must be a number, not a boolean"),
     ):
@@ -75,7 +77,8 @@ def test_the_colo_fields_are_validated_and_name_the_field(one: Remusd) -> None:
     post = doc["paths"]["/v1/protections"]["post"]
     props = post["requestBody"]["content"]["application/json"]["schema"]["properties"]
     assert props["mode"]["enum"] == ["remus", "colo"]
-    assert props["checkpoint_max_interval_s"]["type"] == "number"
+    assert props["checkpoint_max_interval_ms"]["type"] == "integer"
+    assert "checkpoint_max_interval_s" not in props  # ms everywhere
     assert props["compare_timeout_ms"]["type"] == "number"
     got = doc["paths"]["/v1/protections/{name}"]["get"]["responses"]["200"]["content"]
     colo = got["application/json"]["schema"]["properties"]["colo"]["properties"]
@@ -103,6 +106,12 @@ def _cli(d: Remusd, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*argv, "--socket", str(d.socket)], capture_output=True, text=True, cwd=ROOT, timeout=60
     )
+
+
+def _worker_spec(pid: int) -> ProtectionSpec:
+    """The settings a worker was started with: its one --spec document."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    return ProtectionSpec.from_json(argv[argv.index(b"--spec") + 1].decode())
 
 
 def _get(d: Remusd, name: str) -> dict[str, Any]:
@@ -157,7 +166,7 @@ def test_colo_through_remusd_compares_output_and_unprotects(
         "-d",
         "-F",
         "--checkpoint-max-interval",
-        "1",
+        "1000",
         "--compare-timeout",
         "200",
         "--json",
@@ -165,11 +174,12 @@ def test_colo_through_remusd_compares_output_and_unprotects(
     assert r.returncode == 0, r.stderr
     p = json.loads(r.stdout)
     assert p["mode"] == "colo" and p["role"] == "primary" and p["disk"] == "not replicated"
-    assert p["settings"]["checkpoint_max_interval_s"] == 1.0
+    assert p["settings"]["checkpoint_max_interval_ms"] == 1000
     assert p["settings"]["compare_timeout_ms"] == 200.0
     (worker,) = _workers(a.base)
-    argv = Path(f"/proc/{worker}/cmdline").read_bytes().split(b"\0")
-    assert b"--colo" in argv and b"-n" not in argv
+    spec = _worker_spec(worker)
+    assert spec.mode is Mode.COLO and not spec.no_netbuf
+    assert (spec.checkpoint_max_interval_ms, spec.compare_timeout_ms) == (1000, 200.0)
 
     wait(lambda: _get(a, "vm1")["checkpoints"] >= 1, what="the first COLO checkpoint")
     # COLO: the secondary copy runs too (but for a moment at each checkpoint)
@@ -267,13 +277,13 @@ def test_colo_unchecked_output_and_a_remusd_restart_mid_protection(
         "mode": "colo",
         "no_netbuf": True,
         "unsafe": True,
-        "checkpoint_max_interval_s": 0.5,
+        "checkpoint_max_interval_ms": 500,
     }
     with a.api() as c:
         p = c.post("/v1/protections", body)
     assert p["mode"] == "colo" and p["disk"] == "not replicated"
     (worker,) = _workers(a.base)
-    assert b"-n" in Path(f"/proc/{worker}/cmdline").read_bytes().split(b"\0")
+    assert _worker_spec(worker).no_netbuf
     wait(lambda: _get(a, "vm1")["checkpoints"] >= 1, what="the first COLO checkpoint")
     assert kv(info.address, [b"PUT k v"]) == [b"OK"]
 
