@@ -71,7 +71,7 @@ START_TIMEOUT: Final = 15.0
 # Internet, and made unreachable here by the route below
 ADDRESS_POOL: Final = ipaddress.IPv4Network("198.18.0.0/15")
 # 17 bits of pool: 11 for the host, 6 for its guests. A host's /26 holds 16 /30
-# links (domid % 16), so 2048 hosts of 16 live guests each. The host index folds
+# links (the first free one from domid % 16 on): 2048 hosts of 16 live guests. The host index folds
 # all 16 bits of the host's tag into 11 (with 250 subnets two hosts collided in
 # about one demo run of a hundred, and one guest's address routed to the other's
 # veth); a collision that remains is refused loudly by _setup_vif.
@@ -338,7 +338,7 @@ class SimHypervisor(Hypervisor):
         """(namespace, host-side vif, host address, guest address) of a domain."""
         t = int(self.tag, 16)
         host_index = (t ^ (t >> HOST_BITS)) & ((1 << HOST_BITS) - 1)  # all 16 bits count
-        link_index = host_index * LINKS_PER_HOST + domid % LINKS_PER_HOST
+        link_index = host_index * LINKS_PER_HOST + self._link_slot(domid)
         link = ADDRESS_POOL.network_address + 4 * link_index
         return (
             f"rsim-{self.tag}-{domid}",
@@ -358,23 +358,44 @@ class SimHypervisor(Hypervisor):
         """The host end of the domain's veth, where its output can be held."""
         return self._netns(domid)[1] if self.use_netns else None
 
+    def _link_slot(self, domid: int) -> int:
+        """Which of the host's /30 links the domain has (chosen at its first vif)."""
+        try:
+            return int((domain_path(self.host, domid) / "link").read_text())
+        except (OSError, ValueError):
+            return domid % LINKS_PER_HOST
+
+    def _choose_link(self, domid: int) -> None:
+        """The first free /30 of this host's subnet from domid % LINKS_PER_HOST on.
+
+        Free means no interface on this machine has its host address: a domain of
+        this host still alive LINKS_PER_HOST domids on, or of a host whose tag folds
+        to the same subnet, keeps its link, and a second copy of a link would route
+        one guest's traffic to the other's veth.
+        """
+        held: list[str] = []
+        first = self._link_slot(domid)
+        for k in range(LINKS_PER_HOST):
+            slot = (first + k) % LINKS_PER_HOST
+            (domain_path(self.host, domid) / "link").write_text(str(slot))
+            host_ip = self._netns(domid)[2]
+            held = subprocess.run(
+                ["ip", "-o", "-4", "addr", "show", "to", f"{host_ip}/30"],
+                capture_output=True,
+                text=True,
+            ).stdout.split()
+            if not held:
+                return
+        raise HypervisorError(
+            f"no free link for domain {domid}: all {LINKS_PER_HOST} of host {self.host}'s "
+            f"subnet are in use (the last on {held[1]})"
+        )
+
     def _setup_vif(self, domid: int) -> str:
-        ns, vif, host_ip, guest_ip = self._netns(domid)
         self._teardown_vif(domid)
         install_unreachable_route()
-        # ours is gone: whoever still holds this /30 is another domain (of this host,
-        # LINKS_PER_HOST domids on, or of a host whose tag folds to the same subnet),
-        # and a second copy of the link would route one guest's traffic to the other
-        held = subprocess.run(
-            ["ip", "-o", "-4", "addr", "show", "to", f"{host_ip}/30"],
-            capture_output=True,
-            text=True,
-        ).stdout.split()
-        if held:
-            raise HypervisorError(
-                f"domain {domid}'s link {host_ip}/30 is already on {held[1]}: more than "
-                f"{LINKS_PER_HOST} live guests on host {self.host}, or a host sharing its subnet"
-            )
+        self._choose_link(domid)  # ours is gone now: any holder is another domain
+        ns, vif, host_ip, guest_ip = self._netns(domid)
         for cmd in (
             ["ip", "netns", "add", ns],
             ["ip", "link", "add", vif, "type", "veth", "peer", "name", "eth0", "netns", ns],

@@ -85,3 +85,25 @@ def test_the_route_is_installed_idempotently(tmp_path: Path) -> None:
         ["ip", "route", "show", "exact", str(ADDRESS_POOL)], capture_output=True, text=True
     ).stdout.splitlines()
     assert [line.strip() for line in shown] == [f"unreachable {ADDRESS_POOL}"]
+
+
+def test_a_guest_whose_link_is_taken_gets_the_next_free_one(tmp_path: Path) -> None:
+    """Domids LINKS_PER_HOST apart would share a /30; the second takes the next free
+    link instead (a second copy of a link would route one guest's traffic to the other)."""
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    hv = SimHypervisor(tmp_path / "host")
+    first = hv.create_domain("first", memory_mib=4)
+    try:
+        for i in range(LINKS_PER_HOST + 1):  # domids go up: one comes to first's slot
+            d = hv.create_domain(f"g{i}", memory_mib=4)
+            if d.domid % LINKS_PER_HOST == first.domid % LINKS_PER_HOST:
+                break
+            hv.destroy(d.domid)
+        else:
+            raise AssertionError("no domid came back to the first one's slot")
+        addresses = {hv.lookup(first.domid).address, hv.lookup(d.domid).address}
+        assert len(addresses) == 2  # each its own link
+    finally:
+        for d in hv.list_domains():
+            hv.destroy(d.domid)
