@@ -258,7 +258,12 @@ def _warn_unsafe(spec: ProtectionSpec) -> None:
 
 
 def _ended(spec: ProtectionSpec, st: ProtectionStatus) -> str:
-    why = f"{st.reason or 'stopped'}; the domain runs on here"
+    here = (
+        "the domain is paused here (fenced: it never resumes on its own)"
+        if st.state is State.FENCED
+        else "the domain runs on here"
+    )
+    why = f"{st.reason or 'stopped'}; {here}"
     if spec.mode is not Mode.COLO:
         return f"replication of {spec.name} ended after {st.checkpoints} checkpoints: {why}"
     c = st.colo
@@ -342,7 +347,8 @@ def cmd_unprotect(args: argparse.Namespace) -> int:
 
 # what a receiver decides for itself; the rest of a protection's settings come in the
 # primary's HELLO
-RECEIVER_FIELDS: Final = ("heartbeat_timeout_ms", "ack_timeout_ms")
+# the witness too: a receiver takes over only under the lease the primary protects with
+RECEIVER_FIELDS: Final = ("heartbeat_timeout_ms", "ack_timeout_ms", "witness", "lease_ttl_ms")
 
 
 def build_parser() -> argparse.ArgumentParser:

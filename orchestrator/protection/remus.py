@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from ..coordination import LeaseKeeper
 from ..devices.base import CheckpointDevice
 from ..devices.disk import DiskReplica, DiskReplicaError
 from ..hypervisors.base import DomainInfo, Hypervisor
@@ -70,11 +71,12 @@ class RemusPrimary(Primary):
         spec: ProtectionSpec,
         devices: Sequence[CheckpointDevice] = (),
         fence: Fence | None = None,
+        lease: LeaseKeeper | None = None,
     ) -> None:
         """``control`` None is `xl remus -b`: the stream goes to a sink, nobody ACKs,
         and each checkpoint commits as soon as it is written (unsafe: debugging and
         measuring the checkpoint cost alone)."""
-        super().__init__(hv, domain, stream, control, spec)
+        super().__init__(hv, domain, stream, control, spec, lease)
         self.devices = list(devices)
         self.fence = fence
         self._epoch = 0
@@ -100,9 +102,11 @@ class RemusPrimary(Primary):
             await dev.setup()
 
     async def _teardown(self, dying: bool) -> None:
-        for dev in self.devices:  # replication is over: the guest's output flows again
+        # replication is over: the guest's output flows again, unless we are fenced
+        # (then what is held was never covered by a lease and goes nowhere)
+        for dev in self.devices:
             try:
-                await dev.teardown(release=True)
+                await dev.teardown(release=not self.fenced)
             except Exception as exc:  # the others must still be released
                 log.warning("%s teardown: %s", dev.name, exc)
         if self.fence is not None:  # ended on purpose: the domain stays here
@@ -154,6 +158,13 @@ class RemusPrimary(Primary):
                 )
         except (ReplicationError, OSError) as exc:
             self.figures.fail(f"checkpoint {seq}: {exc}" if isinstance(exc, OSError) else str(exc))
+            return 0
+        if not self.may_release():  # ACKed, but the lease may not outlive the release
+            assert self.lease is not None
+            await self.fence_self(
+                f"checkpoint {seq} ACKed, but the lease ({self.lease.state.value}) is not "
+                f"valid {self.spec.lease_release_margin_s:g} s past its release"
+            )
             return 0
         self.watchdog.progress()
         if self.fence is not None:  # the secondary now holds a copy it can start

@@ -16,10 +16,12 @@ import signal
 import socket
 import statistics
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from pathlib import Path
 
+from ..coordination import LeaseKeeper
 from ..devices.base import CheckpointDevice
 from ..devices.disk import DiskReplica, DiskSender
 from ..devices.netbuf_nfqueue import NfqueueNetbuf, nfqueue_available
@@ -27,6 +29,7 @@ from ..devices.netbuf_plug import PlugNetbuf, plug_available
 from ..devices.netbuf_proxy import ProxyNetbuf
 from ..hypervisors.base import Capability, DomainInfo, Hypervisor
 from ..transport.channels import connect, parse_addr
+from ..transport.control import Hello
 from ..transport.control import Role as Side
 from ..transport.controlio import Control
 from ..transport.endpoint import Endpoint, control_of
@@ -34,6 +37,7 @@ from ..transport.stdio import CommandLink, open_command, open_stdio
 from .colo import ColoPrimary, ColoSecondary
 from .fence import FenceGuard, marker_path
 from .host import describe_host
+from .lease import LEASE_CAPABILITY, close_lease, open_lease
 from .remus import RemusPrimary, RemusSecondary
 from .session import Primary, ReplicationError, Secondary
 from .spec import Mode, Netbuf, ProtectionSpec
@@ -127,6 +131,46 @@ async def run_primary(
             "disks on storage both hosts share"
         )
     output = _Output(hv, info, spec) if not spec.colo else None
+    lease: LeaseKeeper | None = None
+    if spec.witness:
+        if spec.colo:
+            # COLO's comparer releases output packet by packet as the copies agree,
+            # outside the checkpoint path this lease gates: not done yet
+            raise ReplicationError("--witness gates Remus output; COLO under a lease is not built")
+        # the lease before anything else: a copy that may run elsewhere stops us here
+        lease = await open_lease(spec, info.uuid, "primary")
+        if not await lease.acquire(spec.takeover_window_s):
+            await close_lease(lease, release=False)
+            raise ReplicationError(
+                f"the lease of {spec.name} on {spec.witness} is held by another member "
+                f"({lease.reason or lease.state.value}): another copy may be running"
+            )
+    try:
+        return await _run_primary(hv, spec, info, output, lease, status_dir, command, fence)
+    finally:
+        if lease is not None:
+            await close_lease(lease, release=True)
+
+
+def _lease_fill(st: ProtectionStatus, spec: ProtectionSpec, lease: LeaseKeeper | None) -> None:
+    if lease is None:
+        return
+    st.witness, st.lease = spec.witness, lease.state.value
+    until = lease.valid_until
+    if until is not None and until != float("inf"):
+        st.lease_valid_for_s = round(max(0.0, until - time.monotonic()), 3)
+
+
+async def _run_primary(
+    hv: Hypervisor,
+    spec: ProtectionSpec,
+    info: DomainInfo,
+    output: _Output | None,
+    lease: LeaseKeeper | None,
+    status_dir: Path | None,
+    command: str | None,
+    fence: bool | None,
+) -> ProtectionStatus:
     sink: _Sink | None = None
     ctl: Control | None
     link: CommandLink | None = None
@@ -155,12 +199,13 @@ async def run_primary(
             with contextlib.suppress(FileNotFoundError):
                 marker_path(path.parent, spec.name).unlink()
             guard = FenceGuard(hv.name, info.domid, info.name, path.parent)
-        primary = RemusPrimary(hv, info, stream, ctl, spec, devices, fence=guard)
+        primary = RemusPrimary(hv, info, stream, ctl, spec, devices, fence=guard, lease=lease)
     peer = "blackhole (-b)" if spec.blackhole else spec.peer or (command or "")
 
     def make() -> ProtectionStatus:
         st = ProtectionStatus(spec.name, Role.PRIMARY, spec.mode, peer=peer)
         primary.figures.fill(st)
+        _lease_fill(st, spec, lease)
         if output is not None:
             output.fill(st)
         if sink is not None:
@@ -268,10 +313,41 @@ async def run_secondary_on(
     (``-s``) where control frames queue behind stream data. The mode comes
     from the primary's HELLO.
     """
-    secondary: Secondary
     ctl.set_role(Side.SECONDARY)  # before the HELLO: the codec's rules are per side
     peer = await ctl.receive_hello(spec.ack_timeout_s)
     mode = Mode.COLO if "colo" in peer.capabilities else Mode.REMUS
+    lease: LeaseKeeper | None = None
+    if (LEASE_CAPABILITY in peer.capabilities) != bool(spec.witness):
+        # one side would take over on heartbeats alone: refuse, on both sides' word
+        raise ReplicationError(
+            "the primary protects under a lease, and this receiver has no --witness"
+            if spec.witness == ""
+            else f"this receiver takes over only under a lease ({spec.witness}), and the "
+            "primary has no witness"
+        )
+    if spec.witness:
+        lease = await open_lease(spec, peer.protection, "secondary")
+    try:
+        return await _run_secondary(
+            hv, stream, ctl, spec, peer, mode, lease, status_dir, last_input
+        )
+    finally:
+        if lease is not None:
+            await close_lease(lease, release=True)
+
+
+async def _run_secondary(
+    hv: Hypervisor,
+    stream: socket.socket,
+    ctl: Control,
+    spec: ProtectionSpec,
+    peer: Hello,
+    mode: Mode,
+    lease: LeaseKeeper | None,
+    status_dir: Path | None,
+    last_input: Callable[[], float] | None,
+) -> DomainInfo:
+    secondary: Secondary
     if mode is Mode.COLO:
         if not hv.can(Capability.COLO):
             raise ReplicationError(
@@ -280,6 +356,7 @@ async def run_secondary_on(
         secondary = ColoSecondary(hv, stream, ctl, spec)
     elif hv.can(Capability.TOOLSTACK_RESTORE):  # Xen's own restore, fed whole checkpoints
         secondary = XenRemusSecondary(hv, stream, ctl, spec, last_input=last_input)
+        secondary.lease = lease
     else:
         replica = None
         if hv.can(Capability.DISK_REPLICATION):
@@ -290,11 +367,13 @@ async def run_secondary_on(
         secondary = RemusSecondary(
             hv, stream, ctl, spec, disk_replica=replica, last_input=last_input
         )
+        secondary.lease = lease
     names = ["incoming"]
 
     def make() -> ProtectionStatus:
         st = ProtectionStatus(names[0], Role.SECONDARY, mode)
         secondary.figures.fill(st)
+        _lease_fill(st, spec, lease)
         st.last_heartbeat_age_s = round(secondary.link.seconds_since_heard(), 3)
         if isinstance(secondary, ColoSecondary):
             secondary._net_figures()

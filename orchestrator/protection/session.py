@@ -42,6 +42,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from ..coordination import LeaseKeeper, LeaseState
 from ..hypervisors.base import DomainInfo, Hypervisor
 from ..savehelper import Callbacks, HelperFailed, HelperSession, Mode, SaveArgs, StreamType
 from ..streams import libxl
@@ -295,10 +296,15 @@ class Primary(abc.ABC):
         stream: socket.socket,
         control: Control | None,
         spec: ProtectionSpec,
+        lease: LeaseKeeper | None = None,
     ) -> None:
         self.hv, self.domain, self.stream, self.spec = hv, domain, stream, spec
         self.figures = Figures()
         self.session: HelperSession | None = None
+        # the lease (protection/lease.py): held before our HELLO; None without a witness
+        self.lease = lease
+        self.fenced = False
+        self._fence_watch: asyncio.Task[None] | None = None
         self.link = PrimaryLink(control, spec, self._on_frame, self._stop_helper)
         self.watchdog = Watchdog(self._progress_bound(), spec.ack_timeout_s / 4, self._stuck)
         self._suspended = False
@@ -357,6 +363,69 @@ class Primary(abc.ABC):
         self._seq += 1
         return self._seq
 
+    def may_release(self) -> bool:
+        """Output of an ACKed epoch may go: without a witness always, with one only while
+        the lease stays valid past the release (counted on the monotonic clock from
+        before the renewal was sent, so a process resumed after a long SIGSTOP has no
+        validity left to release anything with)."""
+        return self.lease is None or self.lease.can_release(self.spec.lease_release_margin_s)
+
+    async def fence_self(self, reason: str) -> None:
+        """We cannot be sure to hold the lease: the other copy may start. Ours stops
+        here and now: the guest is paused (it produces nothing more), held output is
+        dropped (``_teardown`` with ``fenced``), replication ends."""
+        if self.fenced:
+            return
+        self.fenced = True
+        self.figures.fail(f"fenced: {reason}")
+        self.figures.state = State.FENCED
+        try:
+            self.hv.pause(self.domain.domid)
+        except Exception as exc:  # a guest we cannot pause must still not be resumed
+            log.error("fencing %s: pause failed: %s", self.domain.name, exc)
+        await self._stop_helper(f"fenced: {reason}")
+
+    async def _watch_lease(self) -> None:
+        """Between checkpoints too: a renewal that fails fences us before the lease can
+        run out, not at the next commit (which may be a whole interval away)."""
+        assert self.lease is not None
+        every = min(0.05, self.spec.lease_ttl_s / 20)
+        while True:
+            await asyncio.sleep(every)
+            if self.lease.must_fence(self.spec.lease_fence_margin_s):
+                await self.fence_self(f"lease {self.lease.state.value}: {self.lease.reason}")
+                return
+
+    async def _after_lease(self) -> None:
+        """Replication is over. Fenced: wait to see the other holder, then destroy our
+        copy (if nobody is seen, the guest stays paused: an administrator decides).
+        Not fenced and not ended on purpose: the secondary may only now have lost us
+        and be trying to take the lease, so we hold it through its takeover window,
+        fencing if we cannot, and only then let go."""
+        assert self.lease is not None
+        window = self.spec.takeover_window_s
+        deadline = time.monotonic() + window
+        if self.fenced:
+            while time.monotonic() < deadline:
+                if self.lease.state is LeaseState.LOST:
+                    with contextlib.suppress(Exception):
+                        self.hv.destroy(self.domain.domid)
+                    self.figures.reason += "; the lease has another holder: our copy destroyed"
+                    return
+                await asyncio.sleep(0.05)
+            self.figures.reason += "; no other holder seen: the guest stays paused here"
+            return
+        if self._stopping:  # unprotect: the secondary was told to drop its copy
+            return
+        while time.monotonic() < deadline:
+            if self.lease.must_fence(self.spec.lease_fence_margin_s):
+                await self.fence_self(
+                    f"lease {self.lease.state.value} while the secondary may take it"
+                )
+                await self._after_lease()
+                return
+            await asyncio.sleep(0.05)
+
     async def _stop_helper(self, reason: str) -> None:
         self.figures.fail(reason)
         if self.session is not None:
@@ -385,7 +454,10 @@ class Primary(abc.ABC):
         await self._prepare()
         dying = False
         try:
-            await self.link.open(Hello(self.domain.uuid, self.domain.config, self.capabilities()))
+            caps = self.capabilities() + (("lease",) if self.lease is not None else ())
+            await self.link.open(Hello(self.domain.uuid, self.domain.config, caps))
+            if self.lease is not None:
+                self._fence_watch = asyncio.create_task(self._watch_lease())
             await send_nowait(self.stream, libxl.Header().encode() + libxl.LIBXC_CONTEXT_RECORD)
             await self._setup()
             self.watchdog.start()
@@ -411,12 +483,24 @@ class Primary(abc.ABC):
         finally:
             self.link.close()
             self.watchdog.stop()
-            if self._suspended and not dying:  # ended mid-checkpoint: ours carries on
+            if self._fence_watch is not None:
+                self._fence_watch.cancel()
+            if self.lease is not None and not dying and not self.fenced and not self.may_release():
+                # what is held goes out below unless we fence now: a process resumed
+                # after a long stop gets here before its watcher looks at the clock
+                await self.fence_self(
+                    f"replication ended with the lease {self.lease.state.value}, not valid "
+                    "past a release"
+                )
+            # ended mid-checkpoint: ours carries on, unless it is fenced
+            if self._suspended and not dying and not self.fenced:
                 with contextlib.suppress(Exception):
                     await self.hv.resume(self.domain.domid)
                 self._suspended = False
             await self._teardown(dying)
-            self.figures.state = State.STOPPED
+            if self.lease is not None and not dying:
+                await self._after_lease()
+            self.figures.state = State.FENCED if self.fenced else State.STOPPED
         return self.figures
 
 
@@ -530,9 +614,11 @@ class Secondary(abc.ABC):
         spec: ProtectionSpec,
         name: str | None = None,
         last_input: Callable[[], float] | None = None,
+        lease: LeaseKeeper | None = None,
     ) -> None:
         self.hv, self.stream, self.spec, self.name = hv, stream, spec, name
         self.figures = Figures()
+        self.lease = lease
         self.link = SecondaryLink(
             control, spec, self.figures, self.break_stream, self.complete_checkpoints, last_input
         )
@@ -559,6 +645,22 @@ class Secondary(abc.ABC):
     @abc.abstractmethod
     async def _take_over(self) -> DomainInfo:
         """Failover: start the guest here from the last complete checkpoint."""
+
+    async def _take_lease(self) -> None:
+        """Only the lease holder runs the guest: take it, or drop our copy. The primary
+        holds it until it has stopped renewing for a TTL, so this waits that long at
+        most (and the primary fences itself before then)."""
+        assert self.lease is not None
+        window = self.spec.takeover_window_s
+        if not await self.lease.acquire(window):
+            self.figures.state = State.STOPPED
+            reason = (
+                f"lost the primary ({self.figures.reason or 'no reason'}), but it still holds "
+                f"the lease after {window:g} s ({self.lease.reason or self.lease.state.value}): "
+                "it runs on, and our copy is dropped"
+            )
+            self.figures.reason = reason
+            raise Unprotected(reason)
 
     async def _drop(self) -> None:
         """The copy goes (the primary ended replication, or we failed)."""
@@ -603,6 +705,8 @@ class Secondary(abc.ABC):
                     "nothing to fail over to: no complete checkpoint"
                     + (f" ({self.figures.reason})" if self.figures.reason else "")
                 )
+            if self.lease is not None:
+                await self._take_lease()
             self.figures.state = State.FAILING_OVER
             info = await self._take_over()
             self.figures.state = State.FAILED_OVER  # only once the guest runs here

@@ -148,6 +148,23 @@ FIELDS: Final[tuple[Field, ...]] = (
         help="COLO: output held this long for the secondary's asks for a checkpoint",
     ),
     Field(
+        "witness",
+        str,
+        flags=("--witness",),
+        help="the witness as tooz spells it (file:///DIR, etcd3+http://HOST:PORT): only the "
+        "lease holder runs the guest and releases its output; empty: none",
+    ),
+    Field(
+        "lease_ttl_ms",
+        int,
+        "ms",
+        1000,
+        60_000,
+        flags=("--lease-ttl",),
+        help="how long the lease outlives its last renewal; the secondary takes over no "
+        "sooner than this after the primary stopped renewing",
+    ),
+    Field(
         "verify_memory",
         bool,
         flags=("--verify-memory",),
@@ -185,6 +202,8 @@ class ProtectionSpec:
     # QEMU's colo-compare compare_timeout is 3 s; here the guests answer in
     # milliseconds, so a slow secondary costs one checkpoint, not 3 s
     compare_timeout_ms: float = 100.0
+    witness: str = ""
+    lease_ttl_ms: int = 3000
     verify_memory: bool = False
 
     def __post_init__(self) -> None:
@@ -216,6 +235,29 @@ class ProtectionSpec:
     @property
     def compare_timeout_s(self) -> float:
         return self.compare_timeout_ms / 1e3
+
+    @property
+    def lease_ttl_s(self) -> float:
+        return self.lease_ttl_ms / 1e3
+
+    # Lease margins, as fractions of the TTL: renewals go every TTL/3, so the
+    # validity left on a healthy lease stays near 2/3 of it or above.
+    @property
+    def lease_release_margin_s(self) -> float:
+        """Output goes only if the lease stays valid this much past the release."""
+        return self.lease_ttl_s / 6
+
+    @property
+    def lease_fence_margin_s(self) -> float:
+        """A primary not sure to hold the lease this far ahead fences itself."""
+        return self.lease_ttl_s / 3
+
+    @property
+    def takeover_window_s(self) -> float:
+        """How long a secondary that lost the primary tries to take the lease: the
+        TTL (the primary's last renewal may just have been granted), and a margin
+        for the witness's own expiry check."""
+        return self.lease_ttl_s * 1.5 + 1.0
 
     @property
     def colo(self) -> bool:

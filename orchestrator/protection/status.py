@@ -36,6 +36,9 @@ class State(StrEnum):
     REPLICATING = "replicating"
     FAILING_OVER = "failing-over"
     FAILED_OVER = "failed-over"  # only once the guest runs here
+    # the primary could not be sure to hold the lease: its guest is paused and its
+    # held output dropped (destroyed once another holder is seen)
+    FENCED = "fenced"
     STOPPED = "stopped"
 
 
@@ -108,6 +111,10 @@ class ProtectionStatus:
     disk: str = "not replicated"
     disk_blocks_p50: float | None = None
     colo: ColoFigures | None = None
+    # the lease (issue 22): None without a witness
+    witness: str = ""
+    lease: str | None = None  # LeaseState's value: held, uncertain, expired, lost...
+    lease_valid_for_s: float | None = None
 
     @property
     def last_checkpoint_age_s(self) -> float | None:

@@ -19,7 +19,11 @@ never silently ignored (a typo in a safety setting must not pass).
     heartbeat_timeout_ms = 300          # also the secondaries' (they learn the rest)
     ack_timeout_ms = 5000
 
-The ``[replication]`` durations are the defaults of a protection's settings
+    [witness]
+    url = ""                            # file:///DIR or etcd3+http://HOST:PORT (issue 22)
+    lease_ttl_ms = 3000                 # the secondary takes over no sooner after a loss
+
+The ``[replication]`` durations and the ``[witness]`` are the defaults of a protection's settings
 (:class:`~orchestrator.protection.spec.ProtectionSpec`), checked against the
 same bounds as the API's and the CLI's.
 
@@ -69,6 +73,14 @@ class ReplicationConfig:
 
 
 @dataclass(frozen=True)
+class WitnessConfig:
+    # as tooz spells it: file:///DIR or etcd3+http://HOST:PORT; "" for none (then a
+    # secondary takes over on heartbeats alone, which a partition turns into two copies)
+    url: str = ""
+    lease_ttl_ms: int = 3000
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     listen: str = "127.0.0.1:9102"
 
@@ -83,6 +95,7 @@ class StateConfig:
 class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
+    witness: WitnessConfig = field(default_factory=WitnessConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     state: StateConfig = field(default_factory=StateConfig)
 
@@ -103,6 +116,8 @@ class Config:
             heartbeat_interval_ms=r.heartbeat_interval_ms,
             heartbeat_timeout_ms=r.heartbeat_timeout_ms,
             ack_timeout_ms=r.ack_timeout_ms,
+            witness=self.witness.url,
+            lease_ttl_ms=self.witness.lease_ttl_ms,
         )
 
 
@@ -110,6 +125,7 @@ _SECTIONS: Final = {f.name: f.type for f in fields(Config)}
 _CLASSES: Final[dict[str, type]] = {
     "api": ApiConfig,
     "replication": ReplicationConfig,
+    "witness": WitnessConfig,
     "metrics": MetricsConfig,
     "state": StateConfig,
 }
@@ -140,7 +156,9 @@ def _check(cfg: Config) -> Config:
     try:  # the bounds are the spec's: one place says what an interval may be
         cfg.spec_defaults()
     except SpecError as exc:
-        raise ConfigError(f"replication.{exc.field}", str(exc).split(": ", 1)[1]) from None
+        section = "witness" if exc.field in ("witness", "lease_ttl_ms") else "replication"
+        key = "url" if exc.field == "witness" else exc.field
+        raise ConfigError(f"{section}.{key}", str(exc).split(": ", 1)[1]) from None
     if not cfg.api.socket:
         raise ConfigError("api.socket", "must not be empty")
     if bool(cfg.api.tls_cert) != bool(cfg.api.tls_key):
