@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -10,6 +12,8 @@ import pytest
 
 from orchestrator.hypervisors.sim import SimHypervisor
 from orchestrator.streams.synth import Chunk
+
+from .etcd import EtcdServer
 
 
 def join(chunks: Iterable[Chunk]) -> bytes:
@@ -28,3 +32,16 @@ def hosts(tmp_path: Path) -> Iterator[tuple[SimHypervisor, SimHypervisor]]:
     for hv in (a, b):
         for d in hv.list_domains():
             hv.destroy(d.domid)
+
+
+@pytest.fixture
+def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
+    binary = shutil.which("etcd") or ("/usr/bin/etcd" if os.path.exists("/usr/bin/etcd") else None)
+    if binary is None:
+        pytest.skip("no etcd binary: apt-get install etcd-server (Debian's etcd)")
+    server = EtcdServer(binary, tmp_path / "etcd-data")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()

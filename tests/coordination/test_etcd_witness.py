@@ -20,8 +20,8 @@ from orchestrator.coordination import (
     WitnessError,
     open_witness,
 )
-from tests.coordination.conftest import EtcdServer
 from tests.coordination.proc import Holder
+from tests.etcd import EtcdServer
 
 NAME = "vm1"
 TTL = 1.0

@@ -11,37 +11,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from orchestrator.hypervisors.sim import SimHypervisor
 
-from ..coordination.conftest import EtcdServer
+from ..etcd import EtcdServer
 from .test_cli_remus import remusctl
 from .test_colo_net import Writers, _read_all
 
 TTL_MS = 1000
-
-
-@pytest.fixture
-def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
-    binary = shutil.which("etcd") or ("/usr/bin/etcd" if os.path.exists("/usr/bin/etcd") else None)
-    if binary is None:
-        pytest.skip("no etcd binary: apt-get install etcd-server (Debian's etcd)")
-    server = EtcdServer(binary, tmp_path / "etcd-data")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 def _answers(address: str) -> bool:

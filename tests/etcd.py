@@ -1,18 +1,13 @@
-"""A real etcd (Debian's etcd-server) on 127.0.0.1 for the witness tests."""
+"""A real etcd (Debian's etcd-server) on 127.0.0.1: the witness of the lease tests."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 
 def free_port() -> int:
@@ -82,16 +77,3 @@ class EtcdServer:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
         self.proc = None
-
-
-@pytest.fixture
-def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
-    binary = shutil.which("etcd") or ("/usr/bin/etcd" if os.path.exists("/usr/bin/etcd") else None)
-    if binary is None:
-        pytest.skip("no etcd binary: apt-get install etcd-server (Debian's etcd)")
-    server = EtcdServer(binary, tmp_path / "etcd-data")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.kill()
