@@ -33,14 +33,15 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import tooz
-import tooz.coordination
-from etcd3gw import exceptions as etcd3gw_exc
-from etcd3gw import lease as etcd3gw_lease
-from tooz import locking
-from tooz.drivers import etcd3gw as tooz_etcd3gw
+if TYPE_CHECKING:
+    import tooz.coordination
+    from tooz import locking
+
+# tooz and etcd3gw are imported when a witness is opened, not with this module:
+# a protection without a witness (the nested lab's dom0, which has no tooz) must
+# not need them.
 
 T = TypeVar("T")
 
@@ -53,13 +54,11 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 # etcd3gw's own exceptions are listed because tooz lets them through in
 # places (Etcd3Driver._start and heartbeat are not wrapped by its
 # _translate_failures); ValueError/KeyError cover a non-etcd HTTP server.
-_BACKEND_ERRORS: tuple[type[BaseException], ...] = (
-    tooz.ToozError,
-    etcd3gw_exc.Etcd3Exception,
-    OSError,
-    ValueError,
-    KeyError,
-)
+def _backend_errors() -> tuple[type[BaseException], ...]:
+    import tooz
+    from etcd3gw import exceptions as etcd3gw_exc
+
+    return (tooz.ToozError, etcd3gw_exc.Etcd3Exception, OSError, ValueError, KeyError)
 
 
 class WitnessError(Exception):
@@ -287,7 +286,7 @@ class ToozWitness(Witness):
                 # it took the lock just as we gave up: its answer stands, and
                 # all that is left in the thread is returning it
                 return await asyncio.wrap_future(submitted[0])
-        except _BACKEND_ERRORS as e:
+        except _backend_errors() as e:
             # tooz's timeouts carry an empty message; the cause says what timed out
             detail = str(e) or repr(e.__cause__ or e.__context__)
             raise WitnessError(f"{what}: {self._url}: {type(e).__name__}: {detail}") from e
@@ -308,6 +307,9 @@ class ToozWitness(Witness):
 
     def _start_sync(self, ticket: _Ticket) -> None:
         del ticket  # nothing to undo: a coordinator that connects late is unused
+        import tooz.coordination
+        from tooz.drivers import etcd3gw as tooz_etcd3gw
+
         if self._scheme in FILE_SCHEMES:
             coord = tooz.coordination.get_coordinator(self._url, self._member.encode())
         else:
@@ -411,6 +413,8 @@ class ToozWitness(Witness):
 
     def _other_holds(self, name: str) -> bool:
         # only called when our own lease is known gone, so any key is theirs
+        from tooz.drivers import etcd3gw as tooz_etcd3gw
+
         assert isinstance(self._coord, tooz_etcd3gw.Etcd3Driver)
         key = tooz_etcd3gw.Etcd3Lock.LOCK_PREFIX + (LOCK_PREFIX + name).encode()
         return bool(self._coord.client.get(key.decode()))
@@ -431,6 +435,8 @@ class ToozWitness(Witness):
         # answer (-1 when the lease is gone), returning True even after the
         # lease expired and another member took the key; so refresh the
         # lock's lease ourselves and read the granted TTL
+        from etcd3gw import lease as etcd3gw_lease
+
         lease = getattr(held.lock, "_lease", None)
         if not isinstance(lease, etcd3gw_lease.Lease):
             raise WitnessError("tooz's Etcd3Lock has no etcd3gw lease (tooz changed?)")
@@ -466,6 +472,11 @@ def _check_name(name: str) -> None:
 
 async def open_witness(url: str, member: str, ttl_s: float = 3.0) -> Witness:
     """A started witness for `url`, or WitnessError (unknown scheme, unreachable)."""
+    try:
+        import etcd3gw  # noqa: F401
+        import tooz  # noqa: F401
+    except ImportError as exc:
+        raise WitnessError(f"a witness needs tooz and etcd3gw installed: {exc}") from None
     w = ToozWitness(url, member, ttl_s)
     await w.start()
     return w
