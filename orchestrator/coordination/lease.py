@@ -216,11 +216,7 @@ class Lease:
         sent = self._pending.pop(token, None)
         if sent is None:
             raise LeaseError(f"acquired() for unknown token {token}")
-        _check_ttl(ttl_s)
-        until = sent + ttl_s
-        if self._state in _VALID_STATES and self._valid_until is not None:
-            until = max(until, self._valid_until)
-        self._fire(LeaseEvent.ACQUIRED, "acquired", until)
+        self._fire(LeaseEvent.ACQUIRED, "acquired", self._validity(sent, ttl_s))
 
     def renewed(self, token: int, ttl_s: float) -> None:
         sent = self._pending.pop(token, None)
@@ -228,12 +224,16 @@ class Lease:
             # a reply to a request we no longer track (released since, or
             # pushed out): it cannot extend anything we know of
             return
+        self._fire(LeaseEvent.RENEWED, "renewed", self._validity(sent, ttl_s))
+
+    def _validity(self, sent: float, ttl_s: float) -> float:
+        """Valid until the request's send time plus the TTL granted; a reply to an
+        older request must not shorten a newer validity."""
         _check_ttl(ttl_s)
         until = sent + ttl_s
         if self._state in _VALID_STATES and self._valid_until is not None:
-            # a reply to an older request must not shorten a newer validity
             until = max(until, self._valid_until)
-        self._fire(LeaseEvent.RENEWED, "renewed", until)
+        return until
 
     def renew_failed(self, token: int, reason: str) -> None:
         self._pending.pop(token, None)

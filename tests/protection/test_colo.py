@@ -94,15 +94,7 @@ def test_memories_equal_at_every_checkpoint_and_failover_without_restore(
     asyncio.run(go())
 
 
-FAST_FAIL = ProtectionSpec(
-    "web",
-    mode=Mode.COLO,
-    interval_ms=50,
-    ack_timeout_ms=1000,
-    heartbeat_interval_ms=20,
-    heartbeat_timeout_ms=500,
-    checkpoint_max_interval_ms=200,
-)
+FAST_FAIL = SETTINGS.with_(ack_timeout_ms=1000, verify_memory=False)
 
 
 class OutOfOrder(ColoSecondary):

@@ -24,9 +24,10 @@ import pytest
 from orchestrator.devices.netbuf_nfqueue import nfqueue_available
 from orchestrator.hypervisors.sim import SimHypervisor, have_netns
 from orchestrator.protection.colo import ColoPrimary, ColoSecondary
-from orchestrator.protection.spec import Mode, ProtectionSpec
+from orchestrator.protection.spec import ProtectionSpec
 
 from .test_cli_remus import remusctl, start_receiver
+from .test_colo import SETTINGS as COLO_SETTINGS
 from .test_remus_loop import pair, wait_for
 
 pytestmark = pytest.mark.skipif(
@@ -35,17 +36,8 @@ pytestmark = pytest.mark.skipif(
     f"({nfqueue_available() or 'root and ip'})",
 )
 
-SETTINGS = ProtectionSpec(
-    "web",
-    mode=Mode.COLO,
-    interval_ms=50,
-    ack_timeout_ms=5000,
-    heartbeat_interval_ms=20,
-    heartbeat_timeout_ms=500,
-    checkpoint_max_interval_ms=30_000,
-    verify_memory=True,
-    compare_timeout_ms=100,
-)
+# test_colo's, with checkpoints only when the copies diverge (or after 30 s)
+SETTINGS = COLO_SETTINGS.with_(checkpoint_max_interval_ms=30_000, compare_timeout_ms=100)
 
 
 async def session(address: str, lines: list[bytes]) -> list[bytes]:

@@ -13,7 +13,6 @@ import os
 import shutil
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -68,13 +67,12 @@ def test_a_destroyed_guests_address_is_unreachable_not_routed_away(tmp_path: Pat
     dead = route_get(address)
     assert " via " not in dead.stdout + dead.stderr, dead.stdout
     assert dead.returncode != 0 and "No route to host" in dead.stderr, (dead.stdout, dead.stderr)
-    # and a client fails at once rather than after a timeout
-    started = time.monotonic()
+    # and a client fails at once with "no route" (a route off the machine would time
+    # out instead, or be answered by someone else)
     with pytest.raises(OSError) as exc, socket.socket() as s:
         s.settimeout(5)
         s.connect((address, int(info.address.rsplit(":", 1)[1])))
     assert exc.value.errno == errno.EHOSTUNREACH
-    assert time.monotonic() - started < 1
 
 
 @needs_root
