@@ -65,6 +65,7 @@ class LeaseKeeper:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._attempted = asyncio.Event()
+        self._stopping = False
         self.crashed: BaseException | None = None
 
     # -- queries (no I/O) ------------------------------------------------------
@@ -109,6 +110,7 @@ class LeaseKeeper:
         if self._task is not None:
             raise RuntimeError("keeper already started")
         self._want = acquire
+        self._stopping = False
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name=f"lease-keeper-{self._name}"
         )
@@ -116,9 +118,16 @@ class LeaseKeeper:
     async def stop(self, *, release: bool = True) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            self._stopping = True
+            # Python 3.11's wait_for drops a cancel that arrives as its inner call
+            # completes (gh-86296, fixed in 3.12): one cancel() can be swallowed by
+            # a renewal finishing at that moment, so ask until the task has ended
+            # (the loop also sees _stopping at its next turn)
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.1)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                task.result()
         self._want = False
         if release:
             with contextlib.suppress(WitnessError):
@@ -154,7 +163,7 @@ class LeaseKeeper:
 
     async def _run(self) -> None:
         try:
-            while True:
+            while not self._stopping:
                 delay = await self._step()
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):

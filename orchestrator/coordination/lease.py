@@ -112,16 +112,18 @@ TRANSITIONS: dict[LeaseState, dict[LeaseEvent, LeaseState]] = {
 
 # Events that tell nothing new in a state: its reason (who took it, why it
 # ran out) is kept rather than overwritten by e.g. "renewed".
-NO_NEWS: frozenset[tuple[LeaseState, LeaseEvent]] = frozenset({
-    (_S.NOT_HELD, _E.RENEWED),
-    (_S.NOT_HELD, _E.EXPIRED),
-    (_S.EXPIRED, _E.RENEW_FAILED),
-    (_S.EXPIRED, _E.EXPIRED),
-    (_S.LOST, _E.RENEWED),
-    (_S.LOST, _E.RENEW_FAILED),
-    (_S.LOST, _E.EXPIRED),
-    (_S.LOST, _E.TAKEN_ELSEWHERE),
-})
+NO_NEWS: frozenset[tuple[LeaseState, LeaseEvent]] = frozenset(
+    {
+        (_S.NOT_HELD, _E.RENEWED),
+        (_S.NOT_HELD, _E.EXPIRED),
+        (_S.EXPIRED, _E.RENEW_FAILED),
+        (_S.EXPIRED, _E.EXPIRED),
+        (_S.LOST, _E.RENEWED),
+        (_S.LOST, _E.RENEW_FAILED),
+        (_S.LOST, _E.EXPIRED),
+        (_S.LOST, _E.TAKEN_ELSEWHERE),
+    }
+)
 
 # States in which we hold, or held and have not let go: a copy we run exists.
 _ONCE_HELD = frozenset({_S.HELD, _S.UNCERTAIN, _S.EXPIRED, _S.LOST})
@@ -187,8 +189,10 @@ class Lease:
 
     def can_release(self, now: float, margin_s: float) -> bool:
         """True only if we hold it and will still hold it at `now + margin_s`."""
-        return self.held(now) and self._valid_until is not None and (
-            now + margin_s < self._valid_until
+        return (
+            self.held(now)
+            and self._valid_until is not None
+            and (now + margin_s < self._valid_until)
         )
 
     def must_fence(self, now: float, fence_margin_s: float) -> bool:

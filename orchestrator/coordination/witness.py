@@ -48,7 +48,10 @@ T = TypeVar("T")
 FILE_SCHEMES = frozenset({"file"})
 ETCD_SCHEMES = frozenset({"etcd3+http", "etcd3+https"})
 LOCK_PREFIX = "remus-"
+TAKEOVER_PREFIX = "remus-takeover-"
+START_TIMEOUT_S = 10.0
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
 
 # What the backends raise when they cannot be reached or answer nonsense.
 # etcd3gw's own exceptions are listed because tooz lets them through in
@@ -143,6 +146,30 @@ class Witness(abc.ABC):
     @abc.abstractmethod
     async def release(self, name: str) -> None:
         """Let `name` go (compare-and-delete: never someone else's lock)."""
+
+    # A takeover mark outlives the lease: the lease says who may run the guest
+    # now, the mark says that somebody other than the primary started it since
+    # the primary last took the lease. A fenced primary that finds the lease
+    # free cannot tell "nobody took over" from "the survivor took over and has
+    # since exited" without it, and the two call for opposite acts (resume our
+    # copy; destroy it).
+
+    @abc.abstractmethod
+    async def mark_taken_over(self, name: str, by: str) -> None:
+        """Record, durably, that host `by` (not the primary) took `name` over.
+
+        Made while holding `name`'s lease and before the guest runs there.
+        Raises WitnessError if the witness could not record it.
+        """
+
+    @abc.abstractmethod
+    async def taken_over(self, name: str) -> list[str]:
+        """The hosts that took `name` over since its marks were last cleared
+        (WitnessError if the witness could not tell)."""
+
+    @abc.abstractmethod
+    async def clear_taken_over(self, name: str) -> None:
+        """The lease holder starts a protection afresh: forget old takeovers."""
 
     @abc.abstractmethod
     async def stop(self) -> None:
@@ -246,7 +273,9 @@ class ToozWitness(Witness):
 
     # -- the one way into the worker thread ------------------------------------
 
-    async def _call(self, what: str, fn: Callable[[_Ticket], T]) -> T:
+    async def _call(
+        self, what: str, fn: Callable[[_Ticket], T], timeout_s: float | None = None
+    ) -> T:
         """Run `fn(ticket)` in the worker thread; the whole call within op_timeout_s.
 
         Calls take turns (one tooz client, one thread); waiting for the turn
@@ -274,14 +303,15 @@ class ToozWitness(Witness):
 
         try:
             try:
-                return await asyncio.wait_for(in_turn(), self._op_timeout_s)
+                return await asyncio.wait_for(in_turn(), timeout_s or self._op_timeout_s)
             except TimeoutError:
                 with self._mu:
                     if not ticket.committed:
                         ticket.abandoned = True
                 if ticket.abandoned:
                     raise WitnessError(
-                        f"{what}: no answer from {self._url} within {self._op_timeout_s:.3g}s"
+                        f"{what}: no answer from {self._url} within "
+                        f"{timeout_s or self._op_timeout_s:.3g}s"
                     ) from None
                 # it took the lock just as we gave up: its answer stands, and
                 # all that is left in the thread is returning it
@@ -300,7 +330,9 @@ class ToozWitness(Witness):
             max_workers=1, thread_name_prefix=f"witness-{self._member}"
         )
         try:
-            await self._call("start", self._start_sync)
+            # connecting (and importing tooz's driver) is no lease's business: a
+            # loaded host may take longer than a renewal's bound for it
+            await self._call("start", self._start_sync, max(self._op_timeout_s, START_TIMEOUT_S))
         except WitnessError:
             await self._shutdown_executor()
             raise
@@ -463,6 +495,51 @@ class ToozWitness(Witness):
         # tooz's release is compare-and-delete on etcd (our uuid) and an
         # unlock of our own fcntl lock on file: never someone else's
         await self._call(f"release {name}", lambda _a: held.lock.release())
+
+    # -- takeover marks: a tooz group per name, which outlives every lease
+    # (a directory on file, a key without a lease on etcd) -----------------
+
+    @staticmethod
+    def _mark_prefix(name: str) -> bytes:
+        return (TAKEOVER_PREFIX + name + ".by.").encode()
+
+    def _marks_sync(self, name: str) -> list[bytes]:
+        assert self._coord is not None
+        prefix = self._mark_prefix(name)
+        groups = (g.encode() if isinstance(g, str) else g for g in self._coord.get_groups().get())
+        return sorted(g for g in groups if g.startswith(prefix))
+
+    async def mark_taken_over(self, name: str, by: str) -> None:
+        _check_name(name)
+        _check_name(by)
+
+        def mark(_t: _Ticket) -> None:
+            from tooz import coordination
+
+            assert self._coord is not None
+            with contextlib.suppress(coordination.GroupAlreadyExist):
+                self._coord.create_group(self._mark_prefix(name) + by.encode()).get()
+
+        await self._call(f"mark {name} taken over", mark)
+
+    async def taken_over(self, name: str) -> list[str]:
+        _check_name(name)
+        n = len(self._mark_prefix(name))
+        marks = await self._call(f"look up {name}'s takeovers", lambda _t: self._marks_sync(name))
+        return [m[n:].decode() for m in marks]
+
+    async def clear_taken_over(self, name: str) -> None:
+        _check_name(name)
+
+        def clear(_t: _Ticket) -> None:
+            from tooz import coordination
+
+            assert self._coord is not None
+            for group in self._marks_sync(name):
+                with contextlib.suppress(coordination.GroupNotCreated):
+                    self._coord.delete_group(group).get()
+
+        await self._call(f"clear {name}'s takeovers", clear)
 
 
 def _check_name(name: str) -> None:

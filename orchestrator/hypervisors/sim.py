@@ -579,6 +579,24 @@ class SimHypervisor(Hypervisor):
         helper = os.environ.get("LIBXL_SAVE_HELPER") or _sim_helper()
         return {"LIBXL_SAVE_HELPER": helper, "REMUS_SIM_HOST": str(self.host)}
 
+    def default_witness(self) -> str | None:
+        """One directory per machine: every simulated host here shares it, whatever
+        their own directories (tooz's file driver: an fcntl lock per protection)."""
+        return f"file://{default_witness_dir()}"
+
+
+def default_witness_dir() -> Path:
+    """``$REMUS_SIM_WITNESS``, else /run/remus-sim/witness (root) or the user's runtime
+    directory: a tmpfs, so that leases and takeover marks go with a reboot, as the
+    simulated guests do."""
+    env = os.environ.get("REMUS_SIM_WITNESS")
+    if env:
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/run/remus-sim/witness")
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/remus-sim-{os.geteuid()}"
+    return Path(runtime) / "remus-sim" / "witness"
+
 
 def _sim_helper() -> str:
     beside = Path(sys.executable).parent / "remus-sim-save-helper"
