@@ -36,8 +36,8 @@ from .hypervisors.select import BACKENDS, open_hypervisor
 from .hypervisors.sim import SimHypervisor
 from .protection.host import check_peer
 from .protection.runner import run_primary, run_secondary, run_secondary_stdio
-from .protection.session import Unprotected
-from .protection.spec import FIELDS, Mode, ProtectionSpec, SpecError, add_arguments
+from .protection.session import ReplicationError, Unprotected
+from .protection.spec import FIELDS, NO_WITNESS, Mode, ProtectionSpec, SpecError, add_arguments
 from .protection.status import ProtectionStatus, Role, State
 from .saverestore import SaveRestoreError, restore_domain, save_domain
 from .streams import Layer, StreamDecoder, StreamError, StreamType, libxc
@@ -203,7 +203,8 @@ def cmd_protect(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    _warn_unsafe(spec)
+    hv = _hypervisor(args)
+    _warn_unsafe(spec, hv)
     if not spec.blackhole and not spec.peer:
         print("remusctl: protect needs --to HOST[:PORT] (or -b -F)", file=sys.stderr)
         return 2
@@ -212,9 +213,11 @@ def cmd_protect(args: argparse.Namespace) -> int:
         # as xl: "CMD HOST remusctl receive --stdio", or with an empty CMD, HOST alone
         receive = "remusctl receive --stdio" + (" -e" if args.e else "")
         for f in FIELDS:
-            if f.name in RECEIVER_FIELDS and getattr(args, f.name) is not None:
+            value = getattr(args, f.name)
+            if f.name in RECEIVER_FIELDS and value is not None and value is not False:
                 # given here: the receiver must know it too, by its own option
-                receive += f" {f.flags[0]} {getattr(spec, f.name)}"
+                given = "" if f.kind is bool else f" {getattr(spec, f.name)}"
+                receive += f" {f.flags[0]}{given}"
         command = f"{args.ssh} {spec.peer} {receive}" if args.ssh else spec.peer
     elif not spec.blackhole:
         try:  # before any connect: a bad address is a usage error, not a traceback
@@ -228,12 +231,20 @@ def cmd_protect(args: argparse.Namespace) -> int:
             "of its own (COLO block replication is not built): use shared-nothing guests",
             file=sys.stderr,
         )
-    status = asyncio.run(run_primary(_hypervisor(args), spec, command=command))
+    status = asyncio.run(run_primary(hv, spec, command=command))
     print(_ended(spec, status))
     return 0
 
 
-def _warn_unsafe(spec: ProtectionSpec) -> None:
+def _warn_unsafe(spec: ProtectionSpec, hv: Hypervisor | None = None) -> None:
+    if spec.witness == NO_WITNESS or (
+        not spec.witness and not spec.blackhole and hv is not None and hv.default_witness() is None
+    ):
+        print(
+            "remusctl: WARNING: no witness: the secondary takes over when the heartbeats "
+            "stop, so a partition can leave two copies running and serving",
+            file=sys.stderr,
+        )
     colo = spec.mode is Mode.COLO
     if spec.no_netbuf:
         what = (
@@ -258,12 +269,13 @@ def _warn_unsafe(spec: ProtectionSpec) -> None:
 
 
 def _ended(spec: ProtectionSpec, st: ProtectionStatus) -> str:
-    here = (
-        "the domain is paused here (fenced: it never resumes on its own)"
-        if st.state is State.FENCED
-        else "the domain runs on here"
-    )
-    why = f"{st.reason or 'stopped'}; {here}"
+    # fenced: the reason ends with what became of our copy (destroyed, or paused for
+    # an administrator)
+    here = {
+        State.FENCED: "",
+        State.UNPROTECTED: "; the domain runs on here, unprotected",
+    }.get(st.state, "; the domain runs on here")
+    why = f"{st.reason or 'stopped'}{here}"
     if spec.mode is not Mode.COLO:
         return f"replication of {spec.name} ended after {st.checkpoints} checkpoints: {why}"
     c = st.colo
@@ -348,7 +360,14 @@ def cmd_unprotect(args: argparse.Namespace) -> int:
 # what a receiver decides for itself; the rest of a protection's settings come in the
 # primary's HELLO
 # the witness too: a receiver takes over only under the lease the primary protects with
-RECEIVER_FIELDS: Final = ("heartbeat_timeout_ms", "ack_timeout_ms", "witness", "lease_ttl_ms")
+# -F for `--witness none` (a receiver that takes over on heartbeats alone)
+RECEIVER_FIELDS: Final = (
+    "heartbeat_timeout_ms",
+    "ack_timeout_ms",
+    "witness",
+    "lease_ttl_ms",
+    "unsafe",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -531,7 +550,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="remusctl: %(message)s")
     try:
         rc: int = args.func(args)
-    except (HypervisorError, SaveRestoreError) as exc:
+    except (HypervisorError, SaveRestoreError, ReplicationError) as exc:
+        # ReplicationError: refused before replication began (the witness, the peer)
         print(f"remusctl: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

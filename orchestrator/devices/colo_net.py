@@ -89,8 +89,17 @@ class ColoNetPrimary:
         send: Callable[[Event], None],
         want_checkpoint: Callable[[str], None],
         hold_bound: float,
+        may_release: Callable[[], bool] = lambda: True,
     ) -> None:
         self.vif = vif
+        # the lease's gate (protection/session.py `may_release`): asked at every
+        # packet the comparer lets go, since COLO releases output between
+        # checkpoints, not at commits the lease could gate once
+        self._may_release = may_release
+        # released by the comparer while the gate was shut, kept in order until it
+        # opens again or the primary is fenced (then dropped); bounded like _after_mark
+        self._gated: deque[Any] = deque()
+        self.dropped_gated = 0
         self._send = send
         self._want = want_checkpoint
         self.comparer = OutputComparer(hold_bound)
@@ -141,7 +150,10 @@ class ColoNetPrimary:
         self._act(self.comparer.checkpoint_done(), release)
         while self._after_mark:
             handle, _ = self._after_mark.popleft()
-            handle.accept() if release else handle.drop()
+            self._let_go(handle) if release else handle.drop()
+        if not release or not self._open_gate():
+            while self._gated:  # fenced: never covered by a valid lease
+                self._gated.popleft().drop()
         self._queue.close()
 
     # -- packets ----------------------------------------------------------------------
@@ -201,14 +213,33 @@ class ColoNetPrimary:
         for action in actions:
             if isinstance(action, Release):
                 pkt: Any = action.handle  # a netfilterqueue packet
-                pkt.accept() if release else pkt.drop()
+                self._let_go(pkt) if release else pkt.drop()
             elif isinstance(action, CheckpointNeeded):
                 self._want(action.reason)
+
+    def _open_gate(self) -> bool:
+        """Whether output may leave now; what waited behind a shut gate goes first."""
+        if not self._may_release():
+            return False
+        while self._gated:
+            self._gated.popleft().accept()
+        return True
+
+    def _let_go(self, pkt: Any) -> None:
+        if self._open_gate():
+            pkt.accept()
+        elif len(self._gated) < MAX_AFTER_MARK:
+            self._gated.append(pkt)
+        else:  # TCP takes it for a loss; the fence that follows drops the rest
+            pkt.drop()
+            self.dropped_gated += 1
 
     async def _tick(self) -> None:
         every = max(0.002, self.hold_bound / 4)
         while True:
             await asyncio.sleep(every)
+            if self._gated:
+                self._open_gate()
             if not self._marked:
                 self._act(self.comparer.tick(time.monotonic()))
 
@@ -249,7 +280,7 @@ class ColoNetPrimary:
             "mismatches": c.mismatches,
             "released_at_once": c.released_at_once,
             "released_at_checkpoint": c.released_at_checkpoint,
-            "held_packets": c.held_packets + len(self._after_mark),
+            "held_packets": c.held_packets + len(self._after_mark) + len(self._gated),
             "oldest_held_ms": round(c.oldest_held_age(now) * 1e3, 3),
             "mirrored_packets": self.mirrored,
             "mirrored_bytes": self.mirrored_bytes,

@@ -160,6 +160,12 @@ class Hypervisor(abc.ABC):
     def helper_env(self) -> dict[str, str]:
         """Environment for libxl-save-helper (which helper, which host)."""
 
+    def default_witness(self) -> str | None:
+        """The witness a protection uses when none is named (tooz's URL), or None when
+        this backend has none to offer: a file witness is one machine's, so only a
+        backend whose hosts share a machine can default to one."""
+        return None
+
     def state_dir(self) -> Path:
         """Where protections on this host publish their status files."""
         return Path(os.environ.get("REMUS_STATE_DIR", "/var/lib/remus"))

@@ -35,6 +35,7 @@ import socket
 import struct
 from collections.abc import Awaitable, Callable
 
+from ..coordination import LeaseKeeper
 from ..devices.colo_net import ColoNetPrimary, ColoNetSecondary
 from ..devices.netbuf_nfqueue import nfqueue_available
 from ..hypervisors.base import Capability, DomainInfo, Hypervisor, HypervisorError
@@ -119,8 +120,9 @@ class ColoPrimary(Primary):
         stream: socket.socket,
         control: Control,
         spec: ProtectionSpec,
+        lease: LeaseKeeper | None = None,
     ) -> None:
-        super().__init__(hv, domain, stream, control, spec)
+        super().__init__(hv, domain, stream, control, spec, lease)
         self.exchange = PrimaryExchange()
         self.colo = ColoFigures(0, 0, 0, 0)
         self._wanted: asyncio.Queue[Reason] = asyncio.Queue(maxsize=1)
@@ -184,17 +186,23 @@ class ColoPrimary(Primary):
             )
         assert self.link.ctl is not None
         self.net = ColoNetPrimary(
-            vif, self.link.ctl.send, self._comparer_wants, self.spec.compare_timeout_s
+            vif,
+            self.link.ctl.send,
+            self._comparer_wants,
+            self.spec.compare_timeout_s,
+            may_release=self.may_release,
         )
         await self.net.setup()
 
     async def _teardown(self, dying: bool) -> None:
         if self.net is not None:
             self._net_figures()
-            await self.net.teardown(release=True)
-        if not dying:
+            # fenced: what the comparer held was never covered by a valid lease
+            await self.net.teardown(release=not self.fenced)
+        if not dying and not self.fenced:
             # we carry on: the secondary must drop its copy, not take over (if it is
-            # still there to hear it; if not, it is gone anyway)
+            # still there to hear it; if not, it is gone anyway). Fenced, we do not
+            # carry on: the secondary may take the lease, and its copy runs already
             self.link.shutdown(f"COLO ended: {self.figures.reason or 'stopped'}")
             await self.link.flush()
 
@@ -412,7 +420,9 @@ class ColoSecondary(RemusSecondary):
         if self.net is not None:
             with contextlib.suppress(Exception):
                 await self.net.teardown()
-        if self.target is not None and (not self.running or self.link.unprotected):
+        # a copy that may not take over (no lease) must go: its output flows once
+        # the filter above is gone
+        if self.target is not None and (not self.running or self.link.unprotected or self.refused):
             self.hv.destroy(self.target.domid)
 
     def _net_figures(self) -> None:

@@ -26,13 +26,90 @@ from __future__ import annotations
 
 import os
 import socket
+import urllib.parse
 from typing import Final
 
 from ..coordination import LeaseKeeper, WitnessError, open_witness
+from ..hypervisors.base import Hypervisor
+from ..transport.control import Hello
 from .session import ReplicationError
-from .spec import ProtectionSpec
+from .spec import NO_WITNESS, ProtectionSpec
 
 LEASE_CAPABILITY: Final = "lease"  # in the primary's HELLO: the secondary needs a witness
+
+
+def primary_witness(spec: ProtectionSpec, hv: Hypervisor) -> ProtectionSpec:
+    """The spec with the witness a primary protects under ("" for none).
+
+    A witness is the default: the one named, else the backend's own (the
+    simulated hosts of one machine share a directory). Without one, a
+    partition can leave two copies running, so none is an unsafe mode: `-F`
+    with `--witness none`, or `-F` on a backend with no witness of its own
+    (Xen: a file witness would be one host's). `-b` has no secondary to take
+    over, so it needs none.
+    """
+    if spec.blackhole:
+        return spec.with_(witness="")
+    if spec.witness == NO_WITNESS:
+        if not spec.unsafe:
+            raise ReplicationError(
+                "--witness none requires -F: without a witness a partition can leave two "
+                "copies running"
+            )
+        return spec.with_(witness="")
+    if spec.witness:
+        return spec
+    default = hv.default_witness()
+    if default is not None:
+        return spec.with_(witness=default)
+    if spec.unsafe:
+        return spec
+    raise ReplicationError(
+        f"the {hv.name} backend has no witness of its own: name one that both hosts reach "
+        "(--witness etcd3+http://HOST:2379, remusd's [witness] url), or run without one "
+        "(-F: a partition can then leave two copies running)"
+    )
+
+
+def secondary_witness(spec: ProtectionSpec, hv: Hypervisor, peer: Hello) -> ProtectionSpec:
+    """The spec with the witness this receiver takes over under ("" for none), from
+    its own settings and the primary's HELLO; ReplicationError when the two sides
+    would not take over by the same rule (one of them on heartbeats alone)."""
+    under = LEASE_CAPABILITY in peer.capabilities
+    if spec.witness == NO_WITNESS:
+        if not spec.unsafe:
+            raise ReplicationError("--witness none requires -F")
+        if under:
+            raise ReplicationError(
+                f"the primary protects under a lease ({peer.witness or 'its witness'}), and "
+                "this receiver was told --witness none"
+            )
+        return spec.with_(witness="")
+    if spec.witness:
+        if not under:
+            raise ReplicationError(
+                f"this receiver takes over only under a lease ({spec.witness}), and the "
+                "primary has no witness"
+            )
+        return spec
+    if not under:
+        # the primary chose to run without a witness (its -F): we follow it, as
+        # xl's secondary follows `xl remus`
+        return spec
+    announced = peer.witness
+    if not announced:
+        raise ReplicationError(
+            "the primary protects under a lease and did not say on which witness: "
+            "give this receiver --witness URL"
+        )
+    if urllib.parse.urlsplit(announced).scheme == "file" and announced != hv.default_witness():
+        # a file witness is a directory on the primary's machine: the same URL here
+        # would be another lock, and both sides would hold "the" lease
+        raise ReplicationError(
+            f"the primary's witness is {announced}, a directory on its machine: give this "
+            "receiver --witness with the URL of the witness it shares with the primary"
+        )
+    return spec.with_(witness=announced)
 
 
 def lease_name(domain_uuid: str) -> str:

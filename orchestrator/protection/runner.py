@@ -21,7 +21,7 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-from ..coordination import LeaseKeeper
+from ..coordination import LeaseKeeper, WitnessError
 from ..devices.base import CheckpointDevice
 from ..devices.disk import DiskReplica, DiskSender
 from ..devices.netbuf_nfqueue import NfqueueNetbuf, nfqueue_available
@@ -37,9 +37,9 @@ from ..transport.stdio import CommandLink, open_command, open_stdio
 from .colo import ColoPrimary, ColoSecondary
 from .fence import FenceGuard, marker_path
 from .host import describe_host
-from .lease import LEASE_CAPABILITY, close_lease, open_lease
+from .lease import close_lease, open_lease, primary_witness, secondary_witness
 from .remus import RemusPrimary, RemusSecondary
-from .session import Primary, ReplicationError, Secondary
+from .session import Primary, ReplicationError, Secondary, host_identity
 from .spec import Mode, Netbuf, ProtectionSpec
 from .status import ProtectionStatus, Role
 from .xen_receiver import XenRemusSecondary
@@ -123,6 +123,7 @@ async def run_primary(
     the domain if this process dies once the secondary holds a checkpoint
     (:mod:`.fence`).
     """
+    spec = primary_witness(spec, hv)
     info = hv.lookup(spec.name)
     if spec.replicates_disk and not hv.can(Capability.DISK_REPLICATION):
         raise ReplicationError(
@@ -133,10 +134,6 @@ async def run_primary(
     output = _Output(hv, info, spec) if not spec.colo else None
     lease: LeaseKeeper | None = None
     if spec.witness:
-        if spec.colo:
-            # COLO's comparer releases output packet by packet as the copies agree,
-            # outside the checkpoint path this lease gates: not done yet
-            raise ReplicationError("--witness gates Remus output; COLO under a lease is not built")
         # the lease before anything else: a copy that may run elsewhere stops us here
         lease = await open_lease(spec, info.uuid, "primary")
         if not await lease.acquire(spec.takeover_window_s):
@@ -145,11 +142,35 @@ async def run_primary(
                 f"the lease of {spec.name} on {spec.witness} is held by another member "
                 f"({lease.reason or lease.state.value}): another copy may be running"
             )
+        try:
+            await _claim(lease, hv, spec)
+        except BaseException:
+            await close_lease(lease, release=True)
+            raise
     try:
         return await _run_primary(hv, spec, info, output, lease, status_dir, command, fence)
     finally:
         if lease is not None:
             await close_lease(lease, release=True)
+
+
+async def _claim(lease: LeaseKeeper, hv: Hypervisor, spec: ProtectionSpec) -> None:
+    """Holding the lease, before protecting: a takeover by another host since the
+    last protection means our copy is stale (the guest runs there now); our own
+    mark (we took over, and protect back) is cleared, so that a fenced primary
+    later reads only what happened after this start."""
+    me = host_identity(hv)
+    try:
+        others = [h for h in await lease.witness.taken_over(lease.name) if h != me]
+        if others:
+            raise ReplicationError(
+                f"{spec.name} was taken over by host {others[0]} since it was last protected "
+                f"from here ({spec.witness}): this copy is stale; destroy it, or protect "
+                "back from the host that runs the guest"
+            )
+        await lease.witness.clear_taken_over(lease.name)
+    except WitnessError as exc:
+        raise ReplicationError(f"witness {spec.witness}: {exc}") from None
 
 
 def _lease_fill(st: ProtectionStatus, spec: ProtectionSpec, lease: LeaseKeeper | None) -> None:
@@ -187,7 +208,7 @@ async def _run_primary(
     if spec.colo:
         if ctl is None:
             raise ReplicationError("COLO needs a secondary: -b is Remus only")
-        primary = ColoPrimary(hv, info, stream, ctl, spec)
+        primary = ColoPrimary(hv, info, stream, ctl, spec, lease=lease)
     else:
         assert output is not None
         devices = [output.device] if output.device is not None else []
@@ -317,14 +338,8 @@ async def run_secondary_on(
     peer = await ctl.receive_hello(spec.ack_timeout_s)
     mode = Mode.COLO if "colo" in peer.capabilities else Mode.REMUS
     lease: LeaseKeeper | None = None
-    if (LEASE_CAPABILITY in peer.capabilities) != bool(spec.witness):
-        # one side would take over on heartbeats alone: refuse, on both sides' word
-        raise ReplicationError(
-            "the primary protects under a lease, and this receiver has no --witness"
-            if spec.witness == ""
-            else f"this receiver takes over only under a lease ({spec.witness}), and the "
-            "primary has no witness"
-        )
+    # one side taking over on heartbeats alone is refused, on both sides' word
+    spec = secondary_witness(spec, hv, peer)
     if spec.witness:
         lease = await open_lease(spec, peer.protection, "secondary")
     try:
@@ -354,6 +369,7 @@ async def _run_secondary(
                 f"COLO on the {hv.name} backend is not supported (Xen ships COLO for HVM only)"
             )
         secondary = ColoSecondary(hv, stream, ctl, spec)
+        secondary.lease = lease
     elif hv.can(Capability.TOOLSTACK_RESTORE):  # Xen's own restore, fed whole checkpoints
         secondary = XenRemusSecondary(hv, stream, ctl, spec, last_input=last_input)
         secondary.lease = lease

@@ -42,7 +42,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from ..coordination import LeaseKeeper, LeaseState
+from ..coordination import LeaseKeeper, WitnessError
 from ..hypervisors.base import DomainInfo, Hypervisor
 from ..savehelper import Callbacks, HelperFailed, HelperSession, Mode, SaveArgs, StreamType
 from ..streams import libxl
@@ -154,6 +154,13 @@ class Figures:
 
 def _ms_median(samples: deque[float]) -> float | None:
     return round(statistics.median(samples) * 1e3, 3) if samples else None
+
+
+def host_identity(hv: Hypervisor) -> str:
+    """This host, as a takeover mark names it: stable across restarts, distinct for
+    two simulated hosts of one machine (their state directories differ)."""
+    key = f"{socket.gethostname()}:{hv.state_dir()}".encode()
+    return hashlib.sha256(key).hexdigest()[:16]
 
 
 # -- the primary ---------------------------------------------------------------------
@@ -377,7 +384,10 @@ class Primary(abc.ABC):
         if self.fenced:
             return
         self.fenced = True
-        self.figures.fail(f"fenced: {reason}")
+        # the fence leads the reason even when something broke first (a resumed
+        # process finds its peer gone): it is what the guest's state comes from
+        before = self.figures.reason
+        self.figures.reason = f"fenced: {reason}" + (f" (after: {before})" if before else "")
         self.figures.state = State.FENCED
         try:
             self.hv.pause(self.domain.domid)
@@ -397,26 +407,25 @@ class Primary(abc.ABC):
                 return
 
     async def _after_lease(self) -> None:
-        """Replication is over. Fenced: wait to see the other holder, then destroy our
-        copy (if nobody is seen, the guest stays paused: an administrator decides).
-        Not fenced and not ended on purpose: the secondary may only now have lost us
-        and be trying to take the lease, so we hold it through its takeover window,
-        fencing if we cannot, and only then let go."""
+        """Replication is over; what our copy does now depends on the witness.
+
+        Fenced: our guest stays paused until the witness can say what happened
+        (we wait as long as it takes; SIGTERM leaves the guest paused for an
+        administrator). If another member took over (its mark is on the
+        witness), our copy is destroyed. If nobody did and we can take the
+        lease back, nobody can start another copy: ours resumes, unprotected.
+        Not fenced and not ended on purpose: the secondary may only now have
+        lost us and be trying to take the lease, so we hold it through its
+        takeover window, fencing if we cannot, and only then let go.
+        """
         assert self.lease is not None
-        window = self.spec.takeover_window_s
-        deadline = time.monotonic() + window
         if self.fenced:
-            while time.monotonic() < deadline:
-                if self.lease.state is LeaseState.LOST:
-                    with contextlib.suppress(Exception):
-                        self.hv.destroy(self.domain.domid)
-                    self.figures.reason += "; the lease has another holder: our copy destroyed"
-                    return
-                await asyncio.sleep(0.05)
-            self.figures.reason += "; no other holder seen: the guest stays paused here"
-            return
+            await self._decide_fenced()
+            if self.fenced:
+                return
         if self._stopping:  # unprotect: the secondary was told to drop its copy
             return
+        deadline = time.monotonic() + self.spec.takeover_window_s
         while time.monotonic() < deadline:
             if self.lease.must_fence(self.spec.lease_fence_margin_s):
                 await self.fence_self(
@@ -425,6 +434,54 @@ class Primary(abc.ABC):
                 await self._after_lease()
                 return
             await asyncio.sleep(0.05)
+
+    async def _decide_fenced(self) -> None:
+        assert self.lease is not None
+        witness, name = self.lease.witness, self.lease.name
+        waiting = False
+        me = host_identity(self.hv)
+
+        async def taken_elsewhere() -> bool:
+            return any(host != me for host in await witness.taken_over(name))
+
+        while not self._stopping:
+            try:
+                if await taken_elsewhere():
+                    with contextlib.suppress(Exception):
+                        self.hv.destroy(self.domain.domid)
+                    self.figures.reason += "; the secondary took over: our copy destroyed"
+                    return
+                # held by nobody else now: with it, no copy can start elsewhere, and
+                # the mark (made before any takeover runs a guest) says none did
+                if await self.lease.acquire(self.spec.lease_ttl_s) and not await taken_elsewhere():
+                    self.hv.unpause(self.domain.domid)
+                    if self._suspended:  # fenced mid-checkpoint
+                        await self.hv.resume(self.domain.domid)
+                        self._suspended = False
+                    self.fenced = False
+                    self.figures.reason += (
+                        "; nobody took over and the lease is ours again: the guest runs on "
+                        "here, unprotected"
+                    )
+                    return
+            except WitnessError as exc:
+                if not waiting:
+                    self.figures.reason += f"; waiting for the witness ({exc})"
+                    waiting = True
+            await asyncio.sleep(0.25)
+        self.figures.reason += "; stopped while fenced: the guest stays paused here"
+
+    def _final_state(self) -> State:
+        if self.fenced:
+            return State.FENCED
+        if self._stopping or self.link.ctl is None:
+            return State.STOPPED
+        try:
+            running = self.hv.lookup(self.domain.domid).state == "running"
+        except Exception:
+            running = False
+        # replication failed and ours runs on: say it is not protected any more
+        return State.UNPROTECTED if running else State.STOPPED
 
     async def _stop_helper(self, reason: str) -> None:
         self.figures.fail(reason)
@@ -455,7 +512,8 @@ class Primary(abc.ABC):
         dying = False
         try:
             caps = self.capabilities() + (("lease",) if self.lease is not None else ())
-            await self.link.open(Hello(self.domain.uuid, self.domain.config, caps))
+            hello = Hello(self.domain.uuid, self.domain.config, caps, witness=self.spec.witness)
+            await self.link.open(hello)
             if self.lease is not None:
                 self._fence_watch = asyncio.create_task(self._watch_lease())
             await send_nowait(self.stream, libxl.Header().encode() + libxl.LIBXC_CONTEXT_RECORD)
@@ -500,7 +558,7 @@ class Primary(abc.ABC):
             await self._teardown(dying)
             if self.lease is not None and not dying:
                 await self._after_lease()
-            self.figures.state = State.FENCED if self.fenced else State.STOPPED
+            self.figures.state = self._final_state()
         return self.figures
 
 
@@ -624,6 +682,7 @@ class Secondary(abc.ABC):
         )
         self.target: DomainInfo | None = None
         self._broken = False
+        self.refused = False  # lost the primary, but could not take the lease
 
     tell_primary_on_force = False
 
@@ -649,18 +708,38 @@ class Secondary(abc.ABC):
     async def _take_lease(self) -> None:
         """Only the lease holder runs the guest: take it, or drop our copy. The primary
         holds it until it has stopped renewing for a TTL, so this waits that long at
-        most (and the primary fences itself before then)."""
+        most (and the primary fences itself before then). Holding it, we mark the
+        takeover on the witness before the guest runs here: a stale primary that
+        finds the lease free later (we may have exited by then) must learn that it
+        may not resume."""
         assert self.lease is not None
         window = self.spec.takeover_window_s
-        if not await self.lease.acquire(window):
-            self.figures.state = State.STOPPED
-            reason = (
-                f"lost the primary ({self.figures.reason or 'no reason'}), but it still holds "
-                f"the lease after {window:g} s ({self.lease.reason or self.lease.state.value}): "
-                "it runs on, and our copy is dropped"
+        deadline = time.monotonic() + window
+        if await self.lease.acquire(window):
+            while True:  # a loaded witness may miss one call's bound: try while we hold it
+                try:
+                    await self.lease.witness.mark_taken_over(
+                        self.lease.name, host_identity(self.hv)
+                    )
+                    return
+                except WitnessError as exc:
+                    if not self.lease.held() or time.monotonic() > deadline:
+                        why = f"the takeover could not be recorded ({exc})"
+                        break
+                await asyncio.sleep(0.05)
+        else:
+            why = (
+                f"it still holds the lease after {window:g} s "
+                f"({self.lease.reason or self.lease.state.value})"
             )
-            self.figures.reason = reason
-            raise Unprotected(reason)
+        self.refused = True
+        self.figures.state = State.STOPPED
+        reason = (
+            f"lost the primary ({self.figures.reason or 'no reason'}), but {why}: "
+            "the primary runs on, and our copy is dropped"
+        )
+        self.figures.reason = reason
+        raise Unprotected(reason)
 
     async def _drop(self) -> None:
         """The copy goes (the primary ended replication, or we failed)."""

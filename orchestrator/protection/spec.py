@@ -17,9 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import urllib.parse
 from dataclasses import asdict, dataclass, fields, replace
 from enum import Enum, StrEnum
 from typing import Any, Final
+
+from ..coordination.witness import ETCD_SCHEMES, FILE_SCHEMES
 
 
 class Mode(StrEnum):
@@ -152,7 +155,10 @@ FIELDS: Final[tuple[Field, ...]] = (
         str,
         flags=("--witness",),
         help="the witness as tooz spells it (file:///DIR, etcd3+http://HOST:PORT): only the "
-        "lease holder runs the guest and releases its output; empty: none",
+        "lease holder runs the guest and releases its output. Default: the backend's own "
+        "(the simulated hosts of one machine share a directory; Xen has none); a receiver "
+        "without one uses the primary's. none (with -F): no witness, and a partition can "
+        "leave two copies running",
     ),
     Field(
         "lease_ttl_ms",
@@ -173,6 +179,7 @@ FIELDS: Final[tuple[Field, ...]] = (
     ),
 )
 _BY_NAME: Final = {f.name: f for f in FIELDS}
+NO_WITNESS: Final = "none"  # --witness none: no witness at all (unsafe: needs -F)
 
 
 class SpecError(ValueError):
@@ -209,6 +216,7 @@ class ProtectionSpec:
     def __post_init__(self) -> None:
         for f in FIELDS:
             _check(f, getattr(self, f.name))
+        _check_witness(self.witness)
 
     # -- seconds, for the drivers -------------------------------------------------------
 
@@ -275,6 +283,7 @@ class ProtectionSpec:
             ("-b", self.blackhole),
             ("-n", self.no_netbuf),
             ("-d", self.no_disk and not self.colo),
+            ("--witness none", self.witness == NO_WITNESS),
         )
         return [flag for flag, asked in on if asked]
 
@@ -360,6 +369,29 @@ def _check(f: Field, value: Any) -> None:
             raise SpecError(f.name, f"{value!r} is not a string")
     elif not isinstance(value, f.kind):
         raise SpecError(f.name, f"{value!r} is not one of {_choices(f)}")
+
+
+def _check_witness(url: str) -> None:
+    """The URL forms tooz's drivers take here, checked before anything connects."""
+    if url in ("", NO_WITNESS):
+        return
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme in FILE_SCHEMES:
+        if parts.netloc or not parts.path.startswith("/"):
+            raise SpecError("witness", f"{url!r}: a file witness is file:///ABSOLUTE/DIR")
+    elif parts.scheme in ETCD_SCHEMES:
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if not parts.hostname or port is None:
+            raise SpecError("witness", f"{url!r}: an etcd witness is {parts.scheme}://HOST:PORT")
+    else:
+        raise SpecError(
+            "witness",
+            f"{url!r}: unknown scheme {parts.scheme!r}; use file:///DIR, "
+            "etcd3+http://HOST:PORT or etcd3+https://HOST:PORT (or none, with -F)",
+        )
 
 
 def _coerce(f: Field, raw: Any) -> Any:

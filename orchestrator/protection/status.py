@@ -39,6 +39,9 @@ class State(StrEnum):
     # the primary could not be sure to hold the lease: its guest is paused and its
     # held output dropped (destroyed once another holder is seen)
     FENCED = "fenced"
+    # the primary lost its secondary while holding the lease: the guest runs on
+    # here, and nothing replicates it (the reason says why)
+    UNPROTECTED = "unprotected"
     STOPPED = "stopped"
 
 

@@ -52,6 +52,9 @@ class Hello:
     config: dict[str, Any] = field(default_factory=dict)
     capabilities: tuple[str, ...] = ()
     version: int = PROTOCOL_VERSION
+    # the primary's witness (tooz's URL), so that a receiver without one of its own
+    # takes over under the same lease; empty without a witness
+    witness: str = ""
 
 
 @dataclass(frozen=True)
@@ -165,6 +168,7 @@ def _encode_hello(e: Hello) -> bytes:
             "protection": e.protection,
             "config": e.config,
             "capabilities": list(e.capabilities),
+            **({"witness": e.witness} if e.witness else {}),
         }
     ).encode()
 
@@ -223,6 +227,7 @@ def _decode(ftype: int, body: bytes) -> Event:
             dict(d.get("config") or {}),
             tuple(str(c) for c in d.get("capabilities") or ()),
             d["version"],
+            str(d.get("witness") or ""),
         )
     if ftype == FrameType.ACK:
         if len(body) != _ACK.size:

@@ -294,7 +294,7 @@ def test_forced_failover_lets_the_secondary_copy_out(
         assert await session(out.address, [b"GET kept"]) == [b"VALUE yes"]
         assert secondary.net is not None and not secondary.net.filtering
         status = await asyncio.wait_for(p_task, 30)
-        assert status.state == "stopped" and a.lookup("web").state == "running"
+        assert status.state == "unprotected" and a.lookup("web").state == "running"
         assert await session(info.address, [b"GET kept"]) == [b"VALUE yes"]
 
     asyncio.run(go())

@@ -114,7 +114,7 @@ def test_secondary_death_leaves_the_primary_running(
         c_secondary.close()
         s_secondary.close()
         status = await asyncio.wait_for(link.p_task, 20)
-        assert status.state == "stopped" and status.reason
+        assert status.state == "unprotected" and status.reason
         assert a.lookup("web").state == "running"
         assert await kv(info.address, [b"PUT after yes", b"GET after"]) == [b"OK", b"VALUE yes"]
         with pytest.raises(asyncio.CancelledError):
