@@ -20,12 +20,14 @@ never silently ignored (a typo in a safety setting must not pass).
     ack_timeout_ms = 5000
 
     [witness]
-    url = ""                            # file:///DIR or etcd3+http://HOST:PORT (issue 22)
+    url = ""                            # file:///DIR or etcd3+http(s)://HOST:PORT (issue 22)
     lease_ttl_ms = 3000                 # the secondary takes over no sooner after a loss
 
 The ``[replication]`` durations and the ``[witness]`` are the defaults of a protection's settings
 (:class:`~orchestrator.protection.spec.ProtectionSpec`), checked against the
-same bounds as the API's and the CLI's.
+same bounds as the API's and the CLI's. So is ``[witness] url``, at start: a
+scheme tooz would not open as a witness, or a relative file URL, stops remusd
+with the key named rather than failing every protection later.
 
     [metrics]
     listen = "127.0.0.1:9102"           # "" for none; also served on the API
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import ipaddress
 import tomllib
+import urllib.parse
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final
@@ -74,8 +77,9 @@ class ReplicationConfig:
 
 @dataclass(frozen=True)
 class WitnessConfig:
-    # as tooz spells it: file:///DIR or etcd3+http://HOST:PORT; "" for none (then a
-    # secondary takes over on heartbeats alone, which a partition turns into two copies)
+    # as tooz spells it: file:///DIR or etcd3+http(s)://HOST:PORT (the spec checks it
+    # at start); "": the backend's own; "none" (with unsafe): none, and a secondary
+    # takes over on heartbeats alone, which a partition turns into two copies
     url: str = ""
     lease_ttl_ms: int = 3000
 
@@ -138,6 +142,18 @@ def parse_hostport(key: str, value: str, allow_empty: bool = False) -> tuple[str
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(key, f"expected HOST:PORT, got {value!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password taken out: for events, metrics labels and logs."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return url
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 def _is_loopback(host: str) -> bool:

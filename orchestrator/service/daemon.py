@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import ssl
@@ -33,7 +34,7 @@ from . import config as configmod
 from .http import ApiError, EventStream, HttpServer, Request, Response, Route, Router
 from .metrics import CONTENT_TYPE, Counter, MetricsRegistry
 from .registry import NotFound, ProtectionRecord, Registry
-from .supervisor import ProtectError, Supervisor
+from .supervisor import LEASE_VALID, UNPROTECTED, ProtectError, Supervisor
 
 log = logging.getLogger("remusd")
 
@@ -129,9 +130,7 @@ COLO_PRIMARY_FIELDS: Final = {
         "recent ones: what COLO adds to a reply's latency",
         "number",
     ),
-    "compare_wait_ms_p99": _figure(
-        "The same wait, 99th percentile of the recent ones", "number"
-    ),
+    "compare_wait_ms_p99": _figure("The same wait, 99th percentile of the recent ones", "number"),
     "mirrored_packets": _figure("Client packets mirrored to the secondary copy"),
     "mirrored_bytes": _figure("Client bytes mirrored to the secondary copy"),
 }
@@ -145,6 +144,40 @@ COLO_SECONDARY_FIELDS: Final = {
     "inject_errors": _figure("Mirrored packets that could not be fed to the secondary copy"),
     "output_filtered": _figure("The secondary copy's output is kept from the network", "boolean"),
 }
+# the lease (issue 22) as a protection's document shows it
+WITNESS_SCHEMA: Final = {
+    "type": ["object", "null"],
+    "description": "The protection's witness and its lease as this host holds it; null "
+    "without a witness (unsafe: a secondary takes over on heartbeats alone, and a "
+    "partition or a dead worker can leave two copies running)",
+    "properties": {
+        "url": {"type": "string", "description": "The witness (a password taken out)"},
+        "lease": {
+            "type": ["string", "null"],
+            "description": "held; uncertain (a renewal failed, the lease is still valid); "
+            "expired (its validity ran out, nobody else seen); lost (another holder was "
+            "seen); not_held; null: nobody here holds or seeks it (no worker runs)",
+        },
+        "lease_valid_for_s": {
+            "type": ["number", "null"],
+            "description": "How long the lease stays valid, counted from its last renewal "
+            "sent; null when not held, or when it cannot expire while its holder lives (a "
+            "file witness's lock)",
+        },
+        "lease_expires": {
+            "type": "boolean",
+            "description": "Whether the lease runs out unless renewed (etcd), or is held "
+            "until its holder dies (a file witness)",
+        },
+        "holder": {
+            "type": ["string", "null"],
+            "enum": ["worker", "remusd", None],
+            "description": "Who holds it here: the protection's worker, or remusd itself "
+            "while it settles a dead worker's guest; null: nobody here",
+        },
+    },
+    "additionalProperties": False,
+}
 PROTECTION_SCHEMA: Final = {
     "type": "object",
     "properties": {
@@ -153,9 +186,17 @@ PROTECTION_SCHEMA: Final = {
         "peer": {"type": "string"},
         "mode": {"type": "string", "enum": ["remus", "colo"]},
         "desired": {"type": "string"},
-        "state": {"type": "string"},
+        "state": {
+            "type": "string",
+            "description": "starting, replicating, failing-over, failed-over, stopped, "
+            "error; under a lease also fenced (the guest paused here: the lease could not "
+            "be confirmed), unprotected (the guest runs here holding the lease, nothing "
+            "replicates it) and taken-over (another host runs the guest: ours was "
+            "destroyed); reason says why",
+        },
         "checkpoints": {"type": "integer"},
         "reason": {"type": "string"},
+        "witness": WITNESS_SCHEMA,
         "settings": {"type": "object"},
         "disk": {
             "type": ["string", "null"],
@@ -191,11 +232,12 @@ class Service:
         self.registry = Registry(cfg.registry_path)
         # Xen where this is a dom0 ($REMUS_BACKEND overrides), else the simulation
         self.hv = open_host(None, Path(cfg.state.host) if cfg.state.host else None)
-        self.supervisor = Supervisor(cfg, self.registry, self.hv, self.emit)
         self.metrics = MetricsRegistry()
         self._new_event = asyncio.Condition()
         self._seen: dict[tuple[str, int], dict[str, Any]] = {}
+        # before the supervisor, whose events some counters count
         self._build_metrics()
+        self.supervisor = Supervisor(cfg, self.registry, self.hv, self.emit)
         self.router = Router(self._routes(), title="remusd", version=VERSION)
         self.servers: list[HttpServer] = []
         self.started = time.time()
@@ -205,6 +247,9 @@ class Service:
     def emit(self, kind: str, message: str, name: str | None, data: dict[str, Any] | None) -> None:
         ev = self.registry.append_event(kind, message, name, data)
         log.info("event %d %s %s: %s", ev.id, name or "-", kind, message)
+        counter = self._event_counters.get(kind)
+        if counter is not None and name is not None:
+            counter.labels(domain=name).inc()
         if ev.id % 1000 == 0:
             self.registry.prune_events(EVENTS_KEEP)
 
@@ -267,6 +312,109 @@ class Service:
             "COLO: client packets mirrored to the secondary copy",
             labels,
         )
+        self._build_witness_metrics()
+
+    def _build_witness_metrics(self) -> None:
+        """The lease (issue 22): who holds it here, for how long, and what it cost."""
+        m, labels = self.metrics, ("domain", "peer", "role")
+        m.callback_gauge(
+            "remus_witness_lease_held",
+            "1 while this host holds the protection's lease on its witness (held, or "
+            "uncertain: a renewal failed and the lease is still valid), by its worker or by "
+            "remusd settling a dead worker's guest; else 0. No series without a witness",
+            self._lease_values(lambda v: float(v["lease"] in LEASE_VALID)),
+            labels,
+        )
+        m.callback_gauge(
+            "remus_witness_lease_valid_seconds",
+            "How long the lease held here stays valid, counted from its last renewal sent "
+            "(+Inf: a file witness's lock, held until its holder dies); no series when it "
+            "is not held",
+            self._lease_values(lambda v: v["lease_valid_for_s"]),
+            labels,
+        )
+        m.callback_gauge(
+            "remus_witness_lease_state",
+            "1 for the lease's state as this host sees it: held, uncertain (a renewal "
+            "failed, still valid), expired, lost (another holder seen), not_held, or none "
+            "(nobody here holds or seeks it: no worker runs)",
+            self._lease_states,
+            (*labels, "state"),
+        )
+        m.callback_gauge(
+            "remus_witness_info",
+            "1 for each protection under a witness; the witness label is its URL (a "
+            "password taken out)",
+            self._witness_info,
+            ("domain", "role", "witness"),
+        )
+        m.callback_gauge(
+            "remus_unprotected",
+            "1 while a primary's guest runs here with nothing replicating it (its secondary "
+            "was lost and it runs on holding the lease, or remusd resumed it under the lease "
+            "after its worker died), else 0",
+            self._unprotected,
+            ("domain", "peer"),
+        )
+        # counted from the events that say so, whoever acted (worker, guard, remusd)
+        self._event_counters = {
+            "fenced": m.counter(
+                "remus_witness_fenced_total",
+                "Times this host's copy was fenced: its guest paused (or destroyed by its "
+                "fence guard) because the lease could not be confirmed, by its worker, its "
+                "guard or remusd on a dead worker's behalf",
+                ("domain",),
+            ),
+            "lease-lost": m.counter(
+                "remus_witness_lease_lost_total",
+                "Times the lease under this host's copy was lost (another holder seen) or ran out",
+                ("domain",),
+            ),
+            "taken-over": m.counter(
+                "remus_witness_taken_over_total",
+                "Times this host's copy was destroyed because another host took the guest "
+                "over (its mark on the witness)",
+                ("domain",),
+            ),
+        }
+
+    def _leases(self) -> list[tuple[ProtectionRecord, dict[str, Any]]]:
+        out = []
+        for rec in self.registry.list():
+            view = self.supervisor.lease_view(rec, self.supervisor.read_status(rec.name))
+            if view is not None:
+                out.append((rec, view))
+        return out
+
+    def _lease_values(
+        self, get: Callable[[dict[str, Any]], float | None]
+    ) -> Callable[[], dict[tuple[str, ...], float]]:
+        def values() -> dict[tuple[str, ...], float]:
+            out: dict[tuple[str, ...], float] = {}
+            for rec, view in self._leases():
+                value = get(view)
+                if value is not None:
+                    out[(rec.name, rec.peer, rec.role)] = float(value)
+            return out
+
+        return values
+
+    def _lease_states(self) -> dict[tuple[str, ...], float]:
+        return {
+            (rec.name, rec.peer, rec.role, view["lease"] or "none"): 1.0
+            for rec, view in self._leases()
+        }
+
+    def _witness_info(self) -> dict[tuple[str, ...], float]:
+        return {(rec.name, rec.role, str(view["url"])): 1.0 for rec, view in self._leases()}
+
+    def _unprotected(self) -> dict[tuple[str, ...], float]:
+        out: dict[tuple[str, ...], float] = {}
+        for rec in self.registry.list():
+            if rec.role == "primary":
+                state, _ = self._state_of(rec, self.supervisor.read_status(rec.name))
+                out[(rec.name, rec.peer)] = float(state == UNPROTECTED)
+        return out
 
     def _statuses(self) -> list[tuple[ProtectionRecord, ProtectionStatus]]:
         out = []
@@ -373,20 +521,45 @@ class Service:
                 disk = "replicated" if rec.spec.replicates_disk else "not replicated"
         live = {} if st is None else st.to_dict()
         live.pop("pause_histogram", None)  # the metrics' business, and long
+        state, reason = self._state_of(rec, st)
         return {
             "name": rec.name,
             "role": rec.role,
             "peer": rec.peer,
             "mode": rec.mode,
             "desired": rec.desired,
-            # a paused protection's worker has gone; its last status file says "stopped"
-            "state": rec.last_state if rec.desired == "paused" or st is None else st.state.value,
+            "state": state,
             "checkpoints": st.checkpoints if st is not None and st.checkpoints else rec.checkpoints,
-            "reason": (st.reason if st is not None else "") or rec.reason,
+            "reason": reason,
+            "witness": self._witness_view(rec, st),
             "settings": _settings(rec.spec),
             "disk": disk,
             "colo": colo,
             "live": live,
+        }
+
+    def _state_of(self, rec: ProtectionRecord, st: ProtectionStatus | None) -> tuple[str, str]:
+        """The protection's state and its reason: the worker's while one runs; the
+        record's once it has gone (a paused protection's last status says "stopped", a
+        dead worker's says what it did when it died, and remusd may be settling its
+        lease)."""
+        if rec.desired == "paused" or st is None:
+            return rec.last_state, (st.reason if st is not None else "") or rec.reason
+        if self.supervisor.worker_gone(rec.name):
+            return rec.last_state, rec.reason or st.reason
+        return st.state.value, st.reason or rec.reason
+
+    def _witness_view(
+        self, rec: ProtectionRecord, st: ProtectionStatus | None
+    ) -> dict[str, Any] | None:
+        view = self.supervisor.lease_view(rec, st)
+        if view is None:
+            return None
+        valid = view["lease_valid_for_s"]
+        return {
+            **view,
+            "lease_valid_for_s": None if valid is None or math.isinf(valid) else valid,
+            "lease_expires": not str(view["url"]).startswith("file:"),
         }
 
     async def h_health(self, _req: Request) -> Response:

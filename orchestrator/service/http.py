@@ -298,8 +298,10 @@ _TYPES: Final[dict[str, Callable[[Any], bool]]] = {
     "string": lambda v: isinstance(v, str),
     # bool is an int in Python but not in JSON. A number with a zero fractional part
     # is an integer (JSON Schema 2020-12: 59999.0 is one; JSON has one number type).
-    "integer": lambda v: not isinstance(v, bool)
-    and (isinstance(v, int) or (isinstance(v, float) and v.is_integer())),
+    "integer": lambda v: (
+        not isinstance(v, bool)
+        and (isinstance(v, int) or (isinstance(v, float) and v.is_integer()))
+    ),
     "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v),
     "boolean": lambda v: isinstance(v, bool),
     "null": lambda v: v is None,

@@ -15,6 +15,18 @@ primary whose worker is gone is checked first (a domain left suspended or
 paused by a worker that died mid-checkpoint is resumed) and then protected
 anew if it is meant to be.
 
+A primary under a lease (issue 22) is not resumed that simply: its worker held
+the lease, and once it is dead nobody here renews it, so the secondary may take
+the lease and the guest over. remusd then does for the dead worker what it can
+no longer do itself (:class:`LeaseRescue`): it pauses the guest, takes the lease
+itself, and looks for a takeover mark on the witness. Holding the lease with no
+mark, nobody else runs the guest and nobody can start it: ours resumes, and is
+protected anew once the secondary's takeover window has passed (it drops its
+copy, not getting the lease). Marked, another host runs the guest: our copy is
+destroyed and the record says so. Until the witness can tell, the guest stays
+paused. Without a witness (unsafe) the guest is resumed as before, and the
+record and the events say that two copies may run.
+
 The replication endpoint (``transport/endpoint.py``) pairs each primary's
 stream with its control connection and answers PROBEs; each complete pair
 becomes a secondary worker holding both fds. What the supervisor knows of the
@@ -30,7 +42,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -39,20 +53,25 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
+from ..protection.fence import marker_path
 from ..protection.host import (
+    DomainNotFound,
     Endpoint,
     Hypervisor,
+    HypervisorError,
     IncomingPair,
     describe_host,
     preflight,
     rescue_domain,
     sim_host_dir,
 )
+from ..protection.lease import close_lease, open_lease, primary_witness
+from ..protection.session import ReplicationError, host_identity
 from ..protection.spec import Mode, ProtectionSpec, SpecError
 from ..protection.status import ProtectionStatus, Role, State
-from .config import Config, parse_hostport
+from .config import Config, parse_hostport, redact_url
 from .registry import NotFound, ProtectionRecord, Registry
 
 log = logging.getLogger(__name__)
@@ -65,6 +84,21 @@ LIVE_STATES: Final = (State.STARTING.value, State.REPLICATING.value, State.FAILI
 INCOMING: Final = "incoming"
 # a secondary heard from its primary this recently may not be failed over unforced
 PRIMARY_ALIVE_S: Final = 1.0
+# the primary's self-fencing guard (Xen): remusd waits for it before it rescues
+GUARD_MODULE: Final = "orchestrator.protection.fence"
+GUARD_WAIT_S: Final = 10.0
+# how often a rescue asks the witness again while it cannot tell
+RESCUE_RETRY_S: Final = 0.25
+# the states remusd records for a dead primary under a lease (the worker's own
+# FENCED and UNPROTECTED mean the same): its guest paused until the lease says;
+# running here holding the lease, nothing replicating it; destroyed, another host
+# having taken the guest over
+FENCED: Final = "fenced"
+UNPROTECTED: Final = "unprotected"
+TAKEN_OVER: Final = "taken-over"
+# the lease states in which the copy we run stays covered
+LEASE_VALID: Final = ("held", "uncertain")
+LEASE_GONE: Final = ("lost", "expired")
 
 
 class ProtectError(Exception):
@@ -84,6 +118,7 @@ class Worker:
     pid: int
     proc: subprocess.Popen[bytes] | None = None
     last_state: str = ""
+    last_lease: str | None = None
     started: float = field(default_factory=time.time)
 
     def alive(self) -> bool:
@@ -110,8 +145,93 @@ def _worker_pid_alive(pid: int, name: str) -> bool:
     return spec.name == name
 
 
+def _guard_alive(name: str, status_dir: Path) -> bool:
+    """A fence guard (``protection/fence.py``) for ``name`` still runs: it acts once
+    the worker's pipe ends (pause, destroy), and a rescue must not race it."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        if GUARD_MODULE.encode() not in argv or stat.rsplit(")", 1)[1].split()[0] == "Z":
+            continue
+        with contextlib.suppress(ValueError, IndexError):
+            if (
+                argv[argv.index(b"--name") + 1] == name.encode()
+                and argv[argv.index(b"--status-dir") + 1] == str(status_dir).encode()
+            ):
+                return True
+    return False
+
+
 def _reasons(reasons: list[Any]) -> list[dict[str, str]]:
     return [r.to_dict() for r in reasons]
+
+
+class _Marks(Protocol):
+    """What a rescue asks of a witness beyond the lease: who took the guest over."""
+
+    async def taken_over(self, name: str) -> list[str]: ...
+
+
+class _Lease(Protocol):
+    """What a rescue uses of the keeper ``protection.lease.open_lease`` gives."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def witness(self) -> _Marks: ...
+    @property
+    def state(self) -> enum.Enum: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def valid_until(self) -> float | None: ...
+    def must_fence(self, margin_s: float) -> bool: ...
+    async def acquire(self, timeout_s: float) -> bool: ...
+
+
+@dataclass
+class LeaseRescue:
+    """remusd's own hold on the lease of a primary whose worker died (issue 22).
+
+    ``state`` is what the record says meanwhile: ``fenced`` (the guest paused
+    until the witness tells), ``unprotected`` (the lease is remusd's and nobody
+    took over: the guest runs here until a new worker protects it). ``lease`` and
+    ``valid_until`` are the lease as remusd's keeper sees it, for the API and the
+    metrics.
+    """
+
+    witness: str
+    # the dead worker may have replicated (its status was published): a secondary may
+    # hold a checkpoint, and the guest is paused; else it is only checked before a retry
+    replicated: bool = True
+    state: str = FENCED
+    uuid: str = ""  # of the domain it rescues
+    lease: str = "not_held"
+    reason: str = ""
+    valid_until: float | None = None  # monotonic, as the keeper counts
+    task: asyncio.Task[None] | None = None
+
+    def valid_for_s(self) -> float | None:
+        if self.valid_until is None:
+            return None
+        if math.isinf(self.valid_until):
+            return math.inf  # a file witness's lock: held until remusd dies
+        return round(max(0.0, self.valid_until - time.monotonic()), 3)
+
+    def seen(self, keeper: _Lease) -> None:
+        self.lease = str(keeper.state.value)
+        self.valid_until = keeper.valid_until if self.lease in LEASE_VALID else None
+
+
+def lease_data(witness: str, lease: str | None, valid_for_s: float | None) -> dict[str, Any]:
+    """The lease as events carry it (a file lock's endless validity as null)."""
+    valid = None if valid_for_s is None or math.isinf(valid_for_s) else valid_for_s
+    return {"witness": redact_url(witness), "lease": lease, "lease_valid_for_s": valid}
 
 
 class Supervisor:
@@ -132,6 +252,11 @@ class Supervisor:
         self._poller: asyncio.Task[None] | None = None
         self._restart_at: dict[str, float] = {}
         self._backoff: dict[str, float] = {}
+        # primaries whose worker died under a lease, being rescued by remusd itself
+        self.rescues: dict[str, LeaseRescue] = {}
+        # protections whose worker exited and was not started again: their status
+        # file is the last word of a process that is gone
+        self.gone: set[str] = set()
         self._incoming = 0
         self.failovers = 0
 
@@ -152,26 +277,53 @@ class Supervisor:
         self._poller = asyncio.create_task(self._poll_forever())
 
     async def close(self) -> None:
-        """remusd stops; its workers carry on (a restarted remusd re-attaches)."""
-        for task in (self._poller, self._receiver):
+        """remusd stops; its workers carry on (a restarted remusd re-attaches). A rescue
+        lets its lease go, and so fences the guest if it ran on it: the next remusd
+        rescues again, from a paused guest."""
+        rescues = list(self.rescues.items())
+        for task in (self._poller, self._receiver, *(r.task for _, r in rescues)):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        for name, rescue in rescues:
+            if rescue.state == UNPROTECTED:
+                self._pause(name, rescue.uuid)
+                self.emit(
+                    FENCED,
+                    "remusd stops while it holds the lease for this guest: paused, the next "
+                    "remusd decides again",
+                    name,
+                    None,
+                )
         if self._endpoint is not None:
             await self._endpoint.close()
 
     async def _recover(self, rec: ProtectionRecord) -> None:
         st = self.read_status(rec.name)
         if st is not None and _worker_pid_alive(st.pid, rec.name):
-            self.workers[rec.name] = Worker(rec.name, st.role, st.pid, last_state=st.state.value)
+            self.workers[rec.name] = Worker(
+                rec.name, st.role, st.pid, last_state=st.state.value, last_lease=st.lease
+            )
             self.emit("restart", f"re-attached to worker {st.pid}", rec.name, {"pid": st.pid})
             return
+        self.gone.add(rec.name)
         if rec.role != Role.PRIMARY.value:
             if rec.last_state in LIVE_STATES:
                 self.registry.update_state(rec.name, "stopped", "worker gone while remusd was down")
             return
+        # no final word from the worker (or a stale "replicating"): it died
+        crashed = st is None or st.state.value in LIVE_STATES
+        witness = self.witness_of(rec.spec, st)
+        fenced = st is not None and st.state is State.FENCED
+        if rec.desired == "protected" and rec.spec is not None and witness and (crashed or fenced):
+            why = "worker gone while remusd was down"
+            self.emit("restart", f"{why}: its lease decides what runs here", rec.name, None)
+            self._start_lease_rescue(rec.name, rec.spec, witness, why, st is not None)
+            return
         self._rescue_domain(rec.name)
+        if rec.desired == "protected" and crashed and st is not None and not witness:
+            self._two_copies_possible(rec.name, "worker gone while remusd was down")
         if rec.desired == "protected":
             self.emit(
                 "restart", "worker gone while remusd was down: protecting anew", rec.name, None
@@ -195,6 +347,12 @@ class Supervisor:
     async def protect(self, spec: ProtectionSpec) -> None:
         if spec.name in self.workers and self.workers[spec.name].alive():
             raise ProtectError("ALREADY_PROTECTED", f"{spec.name} is already protected")
+        if spec.name in self.rescues:
+            raise ProtectError(
+                "ALREADY_PROTECTED",
+                f"remusd holds {spec.name}'s lease until its old secondary has dropped its "
+                "copy: protect it again then",
+            )
         reasons = _reasons(await preflight(self.hv, spec))
         if reasons:
             unreachable = [r for r in reasons if r["check"] == "peer_reachable"]
@@ -215,6 +373,7 @@ class Supervisor:
         self.status_path(spec.name).unlink(missing_ok=True)
         proc = self._popen(argv, spec.name, ())
         self.workers[spec.name] = Worker(spec.name, Role.PRIMARY, proc.pid, proc)
+        self.gone.discard(spec.name)
         self.registry.update_state(spec.name, "starting", "")
 
     def _worker_base(self) -> list[str]:
@@ -249,6 +408,8 @@ class Supervisor:
                 "WRONG_ROLE", f"{name} is the secondary here: unprotect it on the primary"
             )
         self.registry.set_desired(name, "paused" if keep_record else "unprotected")
+        # a rescue not yet decided leaves the guest paused: the secondary may run it
+        held_back = await self._end_rescue(name)
         w = self.workers.get(name)
         if w is not None and w.alive():
             with contextlib.suppress(ProcessLookupError):
@@ -261,7 +422,19 @@ class Supervisor:
         # no restart is due for a protection ended on purpose
         self._backoff.pop(name, None)
         self._restart_at.pop(name, None)
-        self._rescue_domain(name)
+        st = self.read_status(name)
+        if held_back or (st is not None and st.state is State.FENCED):
+            # fenced: the lease could not be confirmed, and the other copy may run;
+            # resuming ours would make two
+            self.emit(
+                "left-paused",
+                "ended while fenced: the guest stays paused here (unpause it only once "
+                "the other copy is known to be gone, else destroy it)",
+                name,
+                None,
+            )
+        else:
+            self._rescue_domain(name)
         if keep_record:
             self.registry.update_state(name, "paused", "replication paused by the administrator")
             self.emit("paused", "replication paused", name, None)
@@ -276,6 +449,12 @@ class Supervisor:
             raise ProtectError("WRONG_ROLE", f"{name} is the secondary here")
         if name in self.workers and self.workers[name].alive():
             raise ProtectError("ALREADY_PROTECTED", f"{name} is replicating")
+        if name in self.rescues:
+            raise ProtectError(
+                "ALREADY_PROTECTED",
+                f"{name}'s worker died and remusd is settling its lease "
+                f"({self.rescues[name].state}): it protects it anew itself",
+            )
         spec = self._spec_of(rec)
         self.registry.set_desired(name, "protected")
         self.emit("resumed-replication", "replication resumed (full resynchronisation)", name, None)
@@ -293,8 +472,7 @@ class Supervisor:
         if age is not None and age < PRIMARY_ALIVE_S and not force:
             raise ProtectError(
                 "PRIMARY_ALIVE",
-                f"the primary of {name} was heard {age:.3g} s ago: two copies would run "
-                "(force it)",
+                f"the primary of {name} was heard {age:.3g} s ago: two copies would run (force it)",
             )
         os.kill(w.pid, signal.SIGUSR1)
         self.emit("failover-requested", "failover forced by the administrator", name, None)
@@ -342,6 +520,7 @@ class Supervisor:
     def _adopt_secondary(self, name: str, st: ProtectionStatus) -> None:
         with contextlib.suppress(NotFound):
             self.registry.remove(name)  # a previous protection of the same domain
+        self.gone.discard(name)
         # the secondary learns COLO from the primary's HELLO, so only its worker knows
         self.registry.add_protection(
             name=name, role="secondary", peer=st.peer, mode=st.mode.value, spec=None
@@ -362,6 +541,8 @@ class Supervisor:
             reason = "worker exited unexpectedly"
         else:
             reason = st.reason if st is not None else ""
+        if st is not None:
+            self._lease_events(w, st)
         if state != w.last_state:
             w.last_state = state
             with contextlib.suppress(Exception):
@@ -373,22 +554,84 @@ class Supervisor:
                 self.failovers += 1
             if state == State.REPLICATING.value:
                 self._backoff.pop(name, None)
+            if st is not None and state in (FENCED, UNPROTECTED):
+                self._state_event(name, st)
         if not alive:
             self.workers.pop(name, None)
-            self._after_exit(name, state, reason)
+            self.gone.add(name)
+            self._after_exit(name, state, reason, st)
 
-    def _after_exit(self, name: str, state: str, reason: str) -> None:
+    def _lease_events(self, w: Worker, st: ProtectionStatus) -> None:
+        """A worker's lease lost or run out: an event of its own (the fence follows)."""
+        before, w.last_lease = w.last_lease, st.lease
+        if st.lease in LEASE_GONE and before in LEASE_VALID:
+            self.emit(
+                "lease-lost",
+                f"the lease on {redact_url(st.witness)} is {st.lease} (it was {before}): "
+                "this copy may not run or release output",
+                w.name,
+                lease_data(st.witness, st.lease, st.lease_valid_for_s),
+            )
+
+    def _state_event(self, name: str, st: ProtectionStatus) -> None:
+        data = lease_data(st.witness, st.lease, st.lease_valid_for_s)
+        if st.state is State.FENCED:
+            said = st.reason if st.reason.startswith(FENCED) else f"{FENCED}: {st.reason}"
+            self.emit(FENCED, said, name, data)
+        elif st.witness:
+            self.emit(
+                "running-unprotected",
+                f"replication ended ({st.reason}); holding the lease on "
+                f"{redact_url(st.witness)}, the guest runs on here with nothing replicating "
+                "it until remusd protects it again",
+                name,
+                data,
+            )
+        else:
+            self.emit(
+                "running-unprotected",
+                f"replication ended ({st.reason}); the guest runs on here with nothing "
+                "replicating it, and no witness (unsafe): the secondary may run it too",
+                name,
+                data,
+            )
+
+    def _after_exit(self, name: str, state: str, reason: str, st: ProtectionStatus | None) -> None:
         try:
             rec = self.registry.get(name)
         except NotFound:
             return
         if rec.role != Role.PRIMARY.value or rec.desired != "protected":
             return
+        crashed = state == "error"
+        witness = self.witness_of(rec.spec, st)
+        if witness and rec.spec is not None and (crashed or state == FENCED):
+            # the worker held the lease and can no longer renew it, or it ended fenced:
+            # what runs here is the lease's to say, not a resume's
+            why = "worker exited unexpectedly" if crashed else f"worker ended fenced ({reason})"
+            self._start_lease_rescue(name, rec.spec, witness, why, st is not None)
+            return
         self._rescue_domain(name)
+        if not witness and st is not None and (crashed or st.checkpoints > 0):
+            self._two_copies_possible(name, reason)
+        self._retry_later(name, reason)
+
+    def _retry_later(self, name: str, reason: str) -> None:
         delay = min(60.0, self._backoff.get(name, 0.5) * 2)
         self._backoff[name] = delay
         self._restart_at[name] = time.monotonic() + delay
         self.emit("retry", f"replication stopped ({reason}); again in {delay:g} s", name, None)
+
+    def _two_copies_possible(self, name: str, reason: str) -> None:
+        """No witness (unsafe): the guest runs on here, and the secondary, which may
+        hold a checkpoint, takes over on heartbeats alone. Say so where it is read."""
+        why = (
+            f"{reason}; no witness (unsafe): the guest runs on here, and the secondary "
+            "takes over on heartbeats alone: two copies may run"
+        )
+        with contextlib.suppress(NotFound):
+            self.registry.update_state(name, self.registry.get(name).last_state, why)
+        self.emit("two-copies-possible", why, name, None)
 
     async def _restart_due(self) -> None:
         now = time.monotonic()
@@ -400,13 +643,311 @@ class Supervisor:
                 rec = self.registry.get(name)
             except NotFound:
                 continue
-            if rec.desired == "protected" and name not in self.workers:
+            if rec.desired == "protected" and name not in self.workers and name not in self.rescues:
                 try:
                     spec = self._spec_of(rec)
                 except ProtectError as exc:
                     self.emit("error", exc.message, name, None)
                     continue
                 await self._spawn_primary(spec)
+
+    # -- a dead primary under a lease --------------------------------------------------
+
+    def witness_of(self, spec: ProtectionSpec | None, st: ProtectionStatus | None) -> str:
+        """The witness a protection runs under ("" for none): its worker's word, else
+        what its settings come to on this backend (a primary's default witness is the
+        backend's own)."""
+        if st is not None and st.witness:
+            return st.witness
+        if spec is None:
+            return ""
+        try:
+            return primary_witness(spec, self.hv).witness
+        except ReplicationError:  # it cannot protect at all: its worker says why
+            return ""
+
+    def _start_lease_rescue(
+        self, name: str, spec: ProtectionSpec, witness: str, why: str, replicated: bool
+    ) -> None:
+        """``replicated``: the worker got as far as publishing its status (and so maybe
+        to a checkpoint the secondary holds); one that never did is only checked."""
+        if name in self.rescues:
+            return
+        self._restart_at.pop(name, None)
+        rescue = LeaseRescue(witness, replicated=replicated)
+        self.rescues[name] = rescue
+        rescue.task = asyncio.get_running_loop().create_task(
+            self._lease_rescue(name, spec, rescue, why),
+            name=f"lease-rescue-{name}",
+        )
+
+    async def _end_rescue(self, name: str) -> bool:
+        """Unprotect or pause during a rescue: True if it had not decided, so the guest
+        stays paused. One that runs the guest here under its lease holds it on until
+        the secondary has dropped its copy (nobody told that one to), and does not
+        protect again."""
+        rescue = self.rescues.get(name)
+        if rescue is None or rescue.task is None or rescue.state == UNPROTECTED:
+            return False
+        rescue.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await rescue.task
+        return rescue.state == FENCED
+
+    def _rescue_says(
+        self, name: str, rescue: LeaseRescue, state: str, reason: str, kind: str | None
+    ) -> None:
+        """What the rescue decided, in the record (state and reason) and as an event."""
+        rescue.state, rescue.reason = state, reason
+        with contextlib.suppress(NotFound):
+            self.registry.update_state(name, state, reason)
+        if kind is not None:
+            data = lease_data(rescue.witness, rescue.lease, rescue.valid_for_s())
+            self.emit(kind, reason, name, {**data, "by": "remusd"})
+
+    def _pause(self, name: str, uuid: str) -> None:
+        """Fence the copy here on its dead worker's behalf: no guest runs unless the
+        lease is ours (a guest left suspended mid-checkpoint stays suspended)."""
+        with contextlib.suppress(DomainNotFound, HypervisorError):
+            info = self.hv.lookup(name)
+            if info.uuid == uuid and info.state == "running":
+                self.hv.pause(info.domid)
+
+    async def _lease_rescue(
+        self, name: str, spec: ProtectionSpec, rescue: LeaseRescue, why: str
+    ) -> None:
+        """``spec``: the protection's, as the record has it (a new worker gets it)."""
+        shown = redact_url(rescue.witness)
+        leased = spec.with_(witness=rescue.witness)  # what the worker ran under
+        respawn = False
+        try:
+            # a fence guard (Xen) acts first: it pauses, and destroys a copy whose
+            # secondary holds a checkpoint; taking the lease from under that would
+            # leave no copy anywhere
+            deadline = time.monotonic() + GUARD_WAIT_S
+            while _guard_alive(name, self.status_dir) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            try:
+                info = self.hv.lookup(name)
+            except DomainNotFound:
+                self._rescue_says(
+                    name,
+                    rescue,
+                    self.registry.get(name).last_state,
+                    f"{why}; no copy of {name} is left here (destroyed on the lease's word, "
+                    "or removed): not protected again from here",
+                    "copy-gone",
+                )
+                self._give_up(name)
+                return
+            rescue.uuid = info.uuid
+            if rescue.replicated:
+                self._pause(name, info.uuid)
+                self._rescue_says(
+                    name,
+                    rescue,
+                    FENCED,
+                    f"{why}: nobody here renews the lease on {shown}, so the guest may not "
+                    "run (paused, or left suspended) until remusd holds it and knows that "
+                    "nobody took over",
+                    FENCED,
+                )
+            else:
+                rescue.state = self.registry.get(name).last_state
+            while True:
+                try:
+                    keeper = await open_lease(leased, info.uuid, "remusd")
+                    break
+                except ReplicationError as exc:  # the witness cannot be reached (yet)
+                    self._waiting(name, rescue, why, str(exc))
+                await asyncio.sleep(RESCUE_RETRY_S)
+            try:
+                respawn = await self._settle(name, leased, info.uuid, keeper, rescue, why)
+            finally:
+                # released before a new worker starts: it takes the lease itself
+                await close_lease(keeper, release=True)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the guest stays as it is (paused if undecided); log it
+            log.exception("rescue of %s under its lease", name)
+            self.emit("error", f"{why}; the lease rescue failed: see remusd's log", name, None)
+        finally:
+            if self.rescues.get(name) is rescue:
+                del self.rescues[name]
+        if not respawn:
+            return
+        with contextlib.suppress(NotFound):
+            if self.registry.get(name).desired != "protected" or name in self.workers:
+                return
+            if rescue.replicated:  # the hold was the wait
+                self.emit("retry", f"{why}; protecting anew (the lease let go)", name, None)
+                await self._spawn_primary(spec)
+            else:
+                self._retry_later(name, why)
+
+    def _waiting(self, name: str, rescue: LeaseRescue, why: str, problem: str) -> None:
+        does = "stays paused" if rescue.replicated else "is not protected again"
+        reason = (
+            f"{why}: the guest {does} until the witness {redact_url(rescue.witness)} can "
+            f"tell who runs it ({problem})"
+        )
+        if reason != rescue.reason:
+            self._rescue_says(name, rescue, rescue.state, reason, None)
+
+    async def _settle(
+        self,
+        name: str,
+        spec: ProtectionSpec,
+        uuid: str,
+        keeper: _Lease,
+        rescue: LeaseRescue,
+        why: str,
+    ) -> bool:
+        """Decide, and hold: True once the guest ran here under remusd's lease through
+        the secondary's takeover window (a new worker may protect it); False once
+        another host took it over (our copy destroyed)."""
+        me = host_identity(self.hv)
+        shown = redact_url(spec.witness)
+        while True:
+            ours = False
+            others: list[str] = []
+            try:
+                others = [h for h in await keeper.witness.taken_over(keeper.name) if h != me]
+                if not others and await keeper.acquire(spec.lease_ttl_s):
+                    # holding the lease nobody can take over; a mark made before is there
+                    others = [h for h in await keeper.witness.taken_over(keeper.name) if h != me]
+                    ours = not others
+                elif not others:
+                    rescue.seen(keeper)
+                    self._waiting(
+                        name, rescue, why, f"the lease is {rescue.lease}: {keeper.reason}"
+                    )
+            except Exception as exc:  # WitnessError: the witness could not tell
+                self._waiting(name, rescue, why, str(exc))
+            rescue.seen(keeper)
+            if others:
+                self._destroy(name, uuid)
+                self._rescue_says(
+                    name,
+                    rescue,
+                    TAKEN_OVER,
+                    f"{why}; host {others[0]} took {name} over (its mark on {shown}): the "
+                    "guest runs there, and our copy was destroyed",
+                    TAKEN_OVER,
+                )
+                self._give_up(name)
+                return False
+            if not ours:
+                await asyncio.sleep(RESCUE_RETRY_S)
+                continue
+            if not rescue.replicated:  # no secondary can hold a checkpoint of that worker
+                return True
+            # ours: the fence guard's hold (Xen) may go, and the guest resumes
+            marker_path(self.status_dir, name).unlink(missing_ok=True)
+            self._rescue_domain(name)
+            hold = spec.heartbeat_timeout_s + spec.takeover_window_s + 1.0
+            self._rescue_says(
+                name,
+                rescue,
+                UNPROTECTED,
+                f"{why}; remusd holds the lease on {shown} and nobody took over: the guest "
+                "runs here, unprotected, and is protected anew once the secondary has "
+                f"dropped its copy, not getting the lease ({2 * hold:g} s at most)",
+                "running-unprotected",
+            )
+            if await self._hold(spec, keeper, rescue, hold):
+                return True
+            # the lease went while the guest ran on it: fenced again, and decide anew
+            self._pause(name, uuid)
+            lost = f"the lease on {shown} is {rescue.lease} ({keeper.reason})"
+            self.emit("lease-lost", f"{lost} while remusd held it", name, None)
+            self._rescue_says(
+                name, rescue, FENCED, f"{why}; {lost}: the guest is paused again", FENCED
+            )
+
+    async def _hold(
+        self, spec: ProtectionSpec, keeper: _Lease, rescue: LeaseRescue, window: float
+    ) -> bool:
+        """Hold the lease while the guest runs here until no secondary can take over: the
+        peer has no copy of the domain left (it dropped it, not getting the lease), or,
+        the peer not answering, its takeover window has passed; twice that at most.
+        False if the lease went meanwhile."""
+        start = time.monotonic()
+        next_ask = start
+        peer_copy: bool | None = None
+        while not keeper.must_fence(spec.lease_fence_margin_s):
+            rescue.seen(keeper)
+            held_for = time.monotonic() - start
+            if peer_copy is False or held_for >= 2 * window:
+                return True
+            if held_for >= window and peer_copy is None:
+                return True
+            if time.monotonic() >= next_ask:
+                peer_copy = await self._peer_has_copy(spec)
+                next_ask = time.monotonic() + 0.5
+                continue
+            await asyncio.sleep(0.05)
+        rescue.seen(keeper)
+        return False
+
+    async def _peer_has_copy(self, spec: ProtectionSpec) -> bool | None:
+        """Whether the peer still has a domain of this name (None: it cannot be asked):
+        a secondary there could still take over with it."""
+        if spec.blackhole:
+            return False
+        checks = {r.check for r in await preflight(self.hv, spec)}
+        if checks & {"peer_address", "peer_reachable", "peer_version"}:
+            return None
+        return "peer_name" in checks
+
+    def _give_up(self, name: str) -> None:
+        """Nothing to protect from here any more: the record stays, saying why."""
+        with contextlib.suppress(NotFound):
+            self.registry.set_desired(name, "unprotected")
+
+    def _destroy(self, name: str, uuid: str) -> None:
+        with contextlib.suppress(DomainNotFound, HypervisorError):
+            info = self.hv.lookup(name)
+            if info.uuid == uuid:
+                self.hv.destroy(info.domid)
+
+    # -- what the API and the metrics show -----------------------------------------
+
+    def worker_gone(self, name: str) -> bool:
+        """The protection's worker exited (or died) and none runs now: its status file
+        is a dead process's last word, and the record speaks instead."""
+        return name in self.gone or name in self.rescues
+
+    def lease_view(
+        self, rec: ProtectionRecord, st: ProtectionStatus | None
+    ) -> dict[str, Any] | None:
+        """The lease as this host holds it (None without a witness): its state, how long
+        it stays valid (inf: a file witness's lock, held until its holder dies; None: not
+        held), and who holds it here (the worker, remusd rescuing a dead worker's guest,
+        or nobody)."""
+        rescue = self.rescues.get(rec.name)
+        if rescue is not None:
+            return {
+                "url": redact_url(rescue.witness),
+                "lease": rescue.lease,
+                "lease_valid_for_s": rescue.valid_for_s(),
+                "holder": "remusd" if rescue.lease in LEASE_VALID else None,
+            }
+        witness = self.witness_of(rec.spec, st)
+        if not witness:
+            return None
+        if st is None or st.lease is None or self.worker_gone(rec.name):
+            return {"url": redact_url(witness), "lease": None, "lease_valid_for_s": None,
+                    "holder": None}  # fmt: skip
+        valid = st.lease_valid_for_s
+        if valid is None and st.lease in LEASE_VALID:
+            valid = math.inf
+        return {
+            "url": redact_url(witness),
+            "lease": st.lease,
+            "lease_valid_for_s": valid,
+            "holder": "worker" if st.lease in LEASE_VALID else None,
+        }
 
     # -- the receiving side ------------------------------------------------------------
 

@@ -334,7 +334,9 @@ def test_round_trip_through_a_strict_parser(
         child = h.labels(protection=protection)
         for v in values:
             child.observe(v)
-    reg.callback_gauge("remus_age", help_text, lambda: dict(series), ["protection", "peer"])
+    reg.callback_gauge(
+        "remus_age", help_text, lambda: {k: v for k, v in series.items()}, ["protection", "peer"]
+    )
 
     families = parse(reg.render())
     assert list(families) == ["remus_value", "remus_pause_seconds", "remus_age"]

@@ -51,12 +51,13 @@ def reg(db: Path) -> Iterator[Registry]:
 
 
 def child(code: str, *args: str, **kw: object) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    proc: subprocess.Popen[str] = subprocess.Popen(
         [sys.executable, "-c", code, *args],
         env={**os.environ, "PYTHONPATH": ROOT},
         text=True,
         **kw,  # type: ignore[call-overload]
     )
+    return proc
 
 
 # -- protections ------------------------------------------------------------------------
@@ -311,9 +312,14 @@ def test_second_writer_waits_for_a_lock_released_within_busy_timeout(db: Path) -
         reg.add_protection("vm1", role="primary", peer="b")
         raw = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
         raw.execute("BEGIN IMMEDIATE")
+
         # let go a moment after the writer has begun waiting (were it not to
         # wait, it would fail with "locked" at once, as the test above shows)
-        release = threading.Thread(target=lambda: (time.sleep(0.3), raw.execute("ROLLBACK")))
+        def let_go() -> None:
+            time.sleep(0.3)
+            raw.execute("ROLLBACK")
+
+        release = threading.Thread(target=let_go)
         release.start()
         try:
             assert other.update_state("vm1", "stopped", "").last_state == "stopped"

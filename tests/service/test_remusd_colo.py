@@ -230,8 +230,8 @@ def test_colo_through_remusd_compares_output_and_unprotects(
     with a.api() as c:
         text = c.request("GET", "/metrics")
     assert isinstance(text, str)
-    (compared,) = _samples(text, "remus_colo_compared_packets_total", "vm1").values()
-    assert compared > 0
+    (n_compared,) = _samples(text, "remus_colo_compared_packets_total", "vm1").values()
+    assert n_compared > 0
     assert list(_samples(text, "remus_colo_mismatches_total", "vm1").values()) == [0]
     (mirrored,) = _samples(text, "remus_colo_mirrored_packets_total", "vm1").values()
     assert mirrored > 0

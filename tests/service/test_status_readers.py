@@ -137,3 +137,74 @@ def test_a_remus_secondary_and_a_missing_status(service: Service) -> None:
     text = service.render_metrics().decode()
     assert _sample(text, "remus_failovers_total", domain="vm2") == 1
     assert "remus_colo_compare_wait_seconds{" not in text
+
+
+def test_the_lease_as_the_api_and_the_metrics_see_it(service: Service) -> None:
+    """A worker's lease (issue 22) through its status file: the API's witness document,
+    the remus_witness_* gauges, and fenced and unprotected as states with their reason;
+    the witness's password is shown nowhere."""
+    url = "etcd3+http://remus:s3cret@10.0.0.9:2379"
+    shown = "etcd3+http://remus:***@10.0.0.9:2379"
+    spec = ProtectionSpec("vm1", "hostb:8002", witness=url)
+    service.registry.add_protection("vm1", "primary", spec.peer, "remus", spec=spec)
+    st = ProtectionStatus(
+        "vm1", Role.PRIMARY, state=State.REPLICATING, peer=spec.peer, witness=url,
+        lease="held", lease_valid_for_s=2.25,
+    )  # fmt: skip
+    _publish(service, st)
+    p = service._protection("vm1")
+    validate(PROTECTION_SCHEMA, p)
+    assert p["witness"] == {
+        "url": shown, "lease": "held", "lease_valid_for_s": 2.25, "lease_expires": True,
+        "holder": "worker",
+    }  # fmt: skip
+    labels = {"domain": "vm1", "peer": spec.peer, "role": "primary"}
+    text = service.render_metrics().decode()
+    assert _sample(text, "remus_witness_lease_held", **labels) == 1
+    assert _sample(text, "remus_witness_lease_valid_seconds", **labels) == 2.25
+    assert _sample(text, "remus_witness_lease_state", state="held", **labels) == 1
+    assert _sample(text, "remus_witness_info", domain="vm1", role="primary", witness=shown) == 1
+    assert _sample(text, "remus_unprotected", domain="vm1", peer=spec.peer) == 0
+    assert "s3cret" not in text
+
+    # the lease lost: the worker fenced its guest, and says why
+    st.state, st.lease, st.lease_valid_for_s = State.FENCED, "lost", None
+    st.reason = "fenced: lease lost: another member holds it"
+    _publish(service, st)
+    p = service._protection("vm1")
+    validate(PROTECTION_SCHEMA, p)
+    assert p["state"] == "fenced" and p["reason"] == st.reason
+    assert p["witness"]["lease"] == "lost" and p["witness"]["holder"] is None
+    text = service.render_metrics().decode()
+    assert _sample(text, "remus_witness_lease_held", **labels) == 0
+    assert _sample(text, "remus_witness_lease_valid_seconds", **labels) is None  # not held
+    assert _sample(text, "remus_witness_lease_state", state="lost", **labels) == 1
+    assert _sample(text, "remus_witness_lease_state", state="held", **labels) is None
+
+    # the secondary lost, the lease held: the guest runs on here, unprotected
+    st.state, st.lease, st.lease_valid_for_s = State.UNPROTECTED, "held", 1.5
+    st.reason = "ack timeout: the secondary is gone"
+    _publish(service, st)
+    p = service._protection("vm1")
+    assert p["state"] == "unprotected" and p["reason"] == st.reason
+    text = service.render_metrics().decode()
+    assert _sample(text, "remus_unprotected", domain="vm1", peer=spec.peer) == 1
+    assert _sample(text, "remus_witness_lease_held", **labels) == 1
+
+    # a file witness's lock is held until its holder dies: no validity to count down
+    st.witness, st.lease_valid_for_s = "file:///var/lib/remus/witness", None
+    _publish(service, st)
+    p = service._protection("vm1")
+    assert p["witness"]["lease_valid_for_s"] is None and p["witness"]["lease_expires"] is False
+    text = service.render_metrics().decode()
+    assert _sample(text, "remus_witness_lease_valid_seconds", **labels) == float("inf")
+
+    # no witness (unsafe): none shown, no series
+    unsafe = ProtectionSpec("vm2", "hostb:8002", witness="none", unsafe=True)
+    service.registry.add_protection("vm2", "primary", unsafe.peer, "remus", spec=unsafe)
+    p = service._protection("vm2")
+    validate(PROTECTION_SCHEMA, p)
+    assert p["witness"] is None
+    text = service.render_metrics().decode()
+    assert _sample(text, "remus_witness_lease_held", domain="vm2") is None
+    assert _sample(text, "remus_witness_info", domain="vm2") is None
