@@ -47,7 +47,8 @@ class State(StrEnum):
 
 @dataclass
 class PauseHistogram:
-    """Cumulative counts per :data:`PAUSE_BUCKETS` bound (and +Inf), and their sum."""
+    """Counts per bucket, not cumulative: up to each :data:`PAUSE_BUCKETS` bound (then
+    +Inf) from the one before; and their sum."""
 
     le: tuple[float, ...] = PAUSE_BUCKETS
     counts: list[int] = field(default_factory=lambda: [0] * (len(PAUSE_BUCKETS) + 1))

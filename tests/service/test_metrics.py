@@ -1,21 +1,29 @@
-"""Prometheus text exposition 0.0.4: exact output, escaping, and a strict parser round trip."""
+"""remusd's metrics on prometheus_client: what a scrape yields from its protections, the
+counters across worker restarts, a registry of its own, and a strict parser round trip."""
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
+import prometheus_client
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from orchestrator.service.metrics import (
-    CONTENT_TYPE,
-    DEFAULT_BUCKETS,
-    MetricsRegistry,
-    format_value,
+from orchestrator.protection.spec import Mode
+from orchestrator.protection.status import (
+    PAUSE_BUCKETS,
+    ColoFigures,
+    PauseHistogram,
+    ProtectionStatus,
+    Role,
+    State,
 )
+from orchestrator.service.metrics import CONTENT_TYPE, COUNTERS, STATUS_GAUGES, Metrics, Seen
 
 # -- a small, strict parser of the text format ---------------------------------------------
 #
@@ -184,329 +192,205 @@ def histogram_series(fam: Family) -> dict[tuple[tuple[str, str], ...], dict[str,
     return out
 
 
-# -- exact output ---------------------------------------------------------------------------
+# -- what a scrape yields -------------------------------------------------------------------
+
+PEER = "hostb:8002"
+LEASE = {"url": "file:///w", "lease": "held", "lease_valid_for_s": math.inf, "holder": "worker"}
 
 
-def test_exact_text() -> None:
-    reg = MetricsRegistry()
-    c = reg.counter("remus_checkpoints_total", "Checkpoints committed.", ["protection"])
-    g = reg.gauge("remusd_protections", "Protections owned by this remusd.")
-    c.labels(protection="vm2").inc()
-    c.labels(protection="vm1").inc(3)
-    c.labels(protection="vm2").inc(0.5)
-    g.set(2)
-    assert reg.render() == (
-        b"# HELP remus_checkpoints_total Checkpoints committed.\n"
-        b"# TYPE remus_checkpoints_total counter\n"
-        b'remus_checkpoints_total{protection="vm1"} 3\n'
-        b'remus_checkpoints_total{protection="vm2"} 1.5\n'
-        b"# HELP remusd_protections Protections owned by this remusd.\n"
-        b"# TYPE remusd_protections gauge\n"
-        b"remusd_protections 2\n"
+def primary(pid: int = 11, **kw: Any) -> ProtectionStatus:
+    return ProtectionStatus("vm1", Role.PRIMARY, pid=pid, state=State.REPLICATING, peer=PEER, **kw)
+
+
+def seen(st: ProtectionStatus | None, lease: dict[str, Any] | None = None, **kw: Any) -> Seen:
+    role = "primary" if st is None else st.role.value
+    state = "starting" if st is None else st.state.value
+    args: dict[str, Any] = {"name": "vm1", "peer": PEER, "role": role,
+                            "recorded_state": state, "state": state}  # fmt: skip
+    return Seen(**{**args, **kw}, status=st, lease=lease)
+
+
+class Rows:
+    """What the daemon's scrape would return, changed by the test between scrapes."""
+
+    def __init__(self, *rows: Seen) -> None:
+        self.rows = list(rows)
+
+    def __call__(self) -> Iterable[Seen]:
+        return self.rows
+
+
+def sample(page: bytes, metric: str, **labels: str) -> float | None:
+    families = parse(page)
+    name = metric
+    for cut in ("_bucket", "_sum", "_count"):
+        if metric.endswith(cut) and metric[: -len(cut)] in families:
+            name = metric[: -len(cut)]
+    found = [v for n, lab, v in families[name].samples if n == metric and lab == labels]
+    assert len(found) <= 1
+    return found[0] if found else None
+
+
+def test_every_family_named_typed_and_helped_in_order() -> None:
+    page = Metrics(Rows()).render()
+    families = parse(page)
+    gauges = [g[0] for g in STATUS_GAUGES]
+    assert list(families) == [
+        "remus_checkpoints_total", "remus_checkpoint_pause_seconds", "remus_failovers_total",
+        *gauges, "remus_replication_state", "remus_colo_checkpoints_total",
+        "remus_colo_compared_packets_total", "remus_colo_mismatches_total",
+        "remus_colo_mirrored_packets_total", "remus_witness_lease_held",
+        "remus_witness_lease_valid_seconds", "remus_witness_lease_state", "remus_witness_info",
+        "remus_unprotected", "remus_witness_fenced_total", "remus_witness_lease_lost_total",
+        "remus_witness_taken_over_total",
+    ]  # fmt: skip
+    for name, fam in families.items():
+        want = "counter" if name in COUNTERS else "gauge"
+        assert fam.type == ("histogram" if name.endswith("_pause_seconds") else want), name
+        assert fam.help and fam.samples == [], name  # nothing to see: no series
+    # the custom collector passes no created time: no _created series for Prometheus
+    # to read as one more gauge per counter
+    assert b"_created" not in page
+    assert CONTENT_TYPE == prometheus_client.CONTENT_TYPE_LATEST
+
+
+def test_a_remus_primary_under_a_lease() -> None:
+    st = primary(checkpoints=3, ack_lag_ms_p50=1.5, held_packets=4, dirty_pages_p50=12.0)
+    st.pause_histogram.counts[2], st.pause_histogram.sum = 3, 0.0045  # per bucket
+    metrics = Metrics(Rows(seen(st, LEASE)))
+    page = metrics.render()
+    peer = {"domain": "vm1", "peer": PEER}
+    lease = {**peer, "role": "primary"}
+    assert sample(page, "remus_checkpoints_total", **peer) == 3
+    assert sample(page, "remus_ack_lag_seconds", **peer) == 0.0015  # ms, scaled by name
+    assert sample(page, "remus_held_output_packets", **peer) == 4
+    assert sample(page, "remus_dirty_pages", **peer) == 12
+    assert sample(page, "remus_dirty_bytes", **peer) is None  # not measured: no series
+    assert sample(page, "remus_colo_held_packets", **peer) is None  # COLO's only
+    assert sample(page, "remus_replication_state", **lease, state="replicating") == 1
+    assert sample(page, "remus_witness_lease_held", **lease) == 1
+    assert sample(page, "remus_witness_lease_valid_seconds", **lease) == math.inf
+    assert sample(page, "remus_witness_lease_state", **lease, state="held") == 1
+    info = {"domain": "vm1", "role": "primary", "witness": "file:///w"}
+    assert sample(page, "remus_witness_info", **info) == 1
+    assert sample(page, "remus_unprotected", **peer) == 0
+    hist = histogram_series(parse(page)["remus_checkpoint_pause_seconds"])
+    (series,) = hist.values()
+    assert series["buckets"] == [(b, 0 if b < 0.002 else 3) for b in (*PAUSE_BUCKETS, math.inf)]
+    assert (series["count"], series["sum"]) == (3, 0.0045)
+    # exactly as prometheus_client writes them: labels sorted by name, le among them
+    assert (
+        b'remus_checkpoint_pause_seconds_bucket{domain="vm1",le="1.0",peer="hostb:8002"} 3.0\n'
+        in page
     )
-    assert CONTENT_TYPE == "text/plain; version=0.0.4; charset=utf-8"
+    assert b'remus_witness_info{domain="vm1",role="primary",witness="file:///w"} 1.0\n' in page
 
 
-def test_empty_registry_and_unlabelled_zero() -> None:
-    reg = MetricsRegistry()
-    assert reg.render() == b""
-    reg.counter("restarts_total", "")  # no HELP line when there is no help
-    reg.gauge("labelled", "L.", ["protection"])  # no child yet: no sample
-    assert reg.render() == (
-        b"# TYPE restarts_total counter\n"
-        b"restarts_total 0\n"
-        b"# HELP labelled L.\n"
-        b"# TYPE labelled gauge\n"
-    )
+def test_counters_go_on_across_worker_restarts_and_the_histogram_merges() -> None:
+    st = primary(pid=11, checkpoints=5)
+    st.pause_histogram = PauseHistogram(counts=[1, 2] + [0] * (len(PAUSE_BUCKETS) - 1), sum=0.002)
+    rows = Rows(seen(st))
+    metrics = Metrics(rows)
+    metrics.render()
+    st.checkpoints = 7
+    st.pause_histogram.counts[0], st.pause_histogram.sum = 2, 0.0025
+    page = metrics.render()
+    peer = {"domain": "vm1", "peer": PEER}
+    assert sample(page, "remus_checkpoints_total", **peer) == 7
+    assert sample(page, "remus_checkpoint_pause_seconds_count", **peer) == 4
+    # the worker restarted (a new pid): it counts from zero, remusd counts on
+    again = primary(pid=12, checkpoints=2)
+    again.pause_histogram.counts[5], again.pause_histogram.sum = 1, 0.02
+    rows.rows = [seen(again)]
+    page = metrics.render()
+    assert sample(page, "remus_checkpoints_total", **peer) == 9
+    assert sample(page, "remus_checkpoint_pause_seconds_count", **peer) == 5
+    assert sample(page, "remus_checkpoint_pause_seconds_sum", **peer) == pytest.approx(0.0225)
+    assert sample(page, "remus_checkpoint_pause_seconds_bucket", **peer, le="0.02") == 5
+    # a worker whose bounds are not ours is not merged into the wrong buckets
+    other = primary(pid=13, checkpoints=2)
+    other.pause_histogram = PauseHistogram(le=(1.0,), counts=[9, 9], sum=9.0)
+    rows.rows = [seen(other)]
+    page = metrics.render()
+    assert sample(page, "remus_checkpoint_pause_seconds_count", **peer) == 5
+    assert sample(page, "remus_checkpoints_total", **peer) == 11
 
 
-def test_histogram_exact_and_cumulative() -> None:
-    reg = MetricsRegistry()
-    h = reg.histogram("pause_seconds", "Pause.", ["protection"], buckets=[0.01, 0.1, 1])
-    for v in (0.005, 0.01, 0.05, 0.5, 0.7, 30):
-        h.labels(protection="vm1").observe(v)
-    assert reg.render() == (
-        b"# HELP pause_seconds Pause.\n"
-        b"# TYPE pause_seconds histogram\n"
-        b'pause_seconds_bucket{protection="vm1",le="0.01"} 2\n'  # le is inclusive
-        b'pause_seconds_bucket{protection="vm1",le="0.1"} 3\n'
-        b'pause_seconds_bucket{protection="vm1",le="1"} 5\n'
-        b'pause_seconds_bucket{protection="vm1",le="+Inf"} 6\n'
-        b'pause_seconds_sum{protection="vm1"} 31.265\n'
-        b'pause_seconds_count{protection="vm1"} 6\n'
-    )
-    assert parse(reg.render())["pause_seconds"].type == "histogram"
+def test_colo_counters_by_reason_and_a_failover_counted_once() -> None:
+    colo = ColoFigures(checkpoints_by_divergence=1, checkpoints_by_timer=2, compared_packets=5)
+    st = primary(mode=Mode.COLO, colo=colo, checkpoints=3)
+    rows = Rows(seen(st))
+    metrics = Metrics(rows)
+    metrics.render()
+    colo.checkpoints_by_timer = 4
+    page = metrics.render()
+    peer = {"domain": "vm1", "peer": PEER}
+    assert sample(page, "remus_colo_checkpoints_total", **peer, reason="timer") == 4
+    assert sample(page, "remus_colo_checkpoints_total", **peer, reason="divergence") == 1
+    assert sample(page, "remus_colo_checkpoints_total", **peer, reason="held") is None
+    assert sample(page, "remus_colo_compared_packets_total", **peer) == 5
+    assert sample(page, "remus_colo_mirrored_packets_total", **peer) is None  # -n
+    sec = ProtectionStatus("vm2", Role.SECONDARY, pid=20, state=State.FAILED_OVER, peer="a")
+    rows.rows = [seen(sec, name="vm2", peer="a")]
+    for _ in range(3):
+        page = metrics.render()
+    assert sample(page, "remus_failovers_total", domain="vm2") == 1
 
 
-def test_default_buckets() -> None:
-    assert DEFAULT_BUCKETS[0] == 0.0005 and DEFAULT_BUCKETS[-1] == 5
-    reg = MetricsRegistry()
-    reg.histogram("h", "H.").observe(0.0005)
-    fam = parse(reg.render())["h"]
-    series = histogram_series(fam)[()]
-    buckets = series["buckets"]
-    assert [b for b, _ in buckets] == [*DEFAULT_BUCKETS, math.inf]  # type: ignore[attr-defined]
-    assert all(c == 1 for _, c in buckets)  # type: ignore[attr-defined]
-    assert b'h_bucket{le="0.0005"} 1\n' in reg.render()
+def test_events_are_counted_and_a_forgotten_protection_takes_its_series() -> None:
+    rows = Rows(seen(primary(checkpoints=3), LEASE))
+    metrics = Metrics(rows)
+    metrics.count_event("fenced", "vm1")
+    metrics.count_event("fenced", "vm1")
+    metrics.count_event("taken-over", "vm1")
+    metrics.count_event("started", "vm1")  # not one the metrics count
+    page = metrics.render()
+    assert sample(page, "remus_witness_fenced_total", domain="vm1") == 2
+    assert sample(page, "remus_witness_taken_over_total", domain="vm1") == 1
+    assert sample(page, "remus_witness_lease_lost_total", domain="vm1") is None
+    rows.rows = []
+    metrics.forget("vm1")
+    assert all(not f.samples for f in parse(metrics.render()).values())
 
 
-def test_escaping() -> None:
-    reg = MetricsRegistry()
-    g = reg.gauge("g", 'Back\\slash, "quotes" and a\nnewline.', ["a", "b"])
-    g.labels(a='say "hi"\n', b="C:\\dir").set(1)
-    assert reg.render() == (
-        b'# HELP g Back\\\\slash, "quotes" and a\\nnewline.\n'
-        b"# TYPE g gauge\n"
-        b'g{a="say \\"hi\\"\\n",b="C:\\\\dir"} 1\n'
-    )
-    fam = parse(reg.render())["g"]
-    assert fam.help == 'Back\\slash, "quotes" and a\nnewline.'
-    assert fam.samples == [("g", {"a": 'say "hi"\n', "b": "C:\\dir"}, 1.0)]
+def test_each_metrics_has_a_registry_of_its_own() -> None:
+    one, two = Metrics(Rows(seen(primary(checkpoints=3)))), Metrics(Rows())
+    one.count_event("fenced", "vm1")
+    assert b"vm1" in one.render() and b"vm1" not in two.render()
+    names = {m.name for m in prometheus_client.REGISTRY.collect()}
+    assert not any(n.startswith("remus_") for n in names)  # the process-wide one is untouched
+
+
+def test_a_failing_scrape_still_serves_the_counters(caplog: pytest.LogCaptureFixture) -> None:
+    def broken() -> list[Seen]:
+        raise RuntimeError("registry locked")
+
+    metrics = Metrics(broken)
+    metrics.count_event("lease-lost", "vm1")
+    page = metrics.render()
+    assert sample(page, "remus_witness_lease_lost_total", domain="vm1") == 1
+    assert "registry locked" in caplog.text
 
 
 def test_unencodable_label_value_does_not_break_the_scrape() -> None:
-    reg = MetricsRegistry()
-    reg.gauge("g", "G.", ["protection"]).labels(protection="vm\udcff").set(1)
-    assert parse(reg.render())["g"].samples == [("g", {"protection": "vm?"}, 1.0)]
+    page = Metrics(Rows(seen(primary(checkpoints=1), name="vm\udcff"))).render()
+    assert sample(page, "remus_checkpoints_total", domain="vm?", peer=PEER) == 1
 
-
-@pytest.mark.parametrize(
-    ("value", "text"),
-    [
-        (0, "0"),
-        (0.0, "0"),
-        (-0.0, "0"),
-        (1.0, "1"),
-        (-3.0, "-3"),
-        (42, "42"),
-        (2**70, str(2**70)),
-        (True, "1"),
-        (2.5, "2.5"),
-        (0.1, "0.1"),
-        (0.0005, "0.0005"),
-        (1e-05, "1e-05"),
-        (123456789012345.0, "123456789012345"),
-        (1e16, "1e+16"),
-        (1.5e300, "1.5e+300"),
-        (math.inf, "+Inf"),
-        (-math.inf, "-Inf"),
-        (math.nan, "NaN"),
-    ],
-)
-def test_format_value(value: float, text: str) -> None:
-    assert format_value(value) == text
-
-
-@given(st.floats(allow_nan=True, allow_infinity=True))
-def test_format_value_reads_back(value: float) -> None:
-    back = parse_value(format_value(value))
-    assert back == value or (math.isnan(back) and math.isnan(value))
-
-
-# -- the round trip ------------------------------------------------------------------------
 
 label_values = st.text(max_size=12)  # every code point, \n " \\ \r \u2028 included
 
 
-@settings(max_examples=200, deadline=None)
-@given(
-    help_text=st.text(max_size=20),
-    series=st.dictionaries(
-        st.tuples(label_values, label_values), st.floats() | st.integers(), max_size=5
-    ),
-    observations=st.dictionaries(
-        label_values,
-        st.lists(st.floats(min_value=-1e6, max_value=1e6), max_size=8),
-        max_size=3,
-    ),
-)
-def test_round_trip_through_a_strict_parser(
-    help_text: str,
-    series: dict[tuple[str, str], float],
-    observations: dict[str, list[float]],
-) -> None:
-    reg = MetricsRegistry()
-    g = reg.gauge("remus_value", help_text, ["protection", "peer"])
-    for (protection, peer), value in series.items():
-        g.labels(protection=protection, peer=peer).set(value)
-    h = reg.histogram("remus_pause_seconds", help_text, ["protection"], buckets=[0, 0.5, 10])
-    for protection, values in observations.items():
-        child = h.labels(protection=protection)
-        for v in values:
-            child.observe(v)
-    reg.callback_gauge(
-        "remus_age", help_text, lambda: {k: v for k, v in series.items()}, ["protection", "peer"]
-    )
-
-    families = parse(reg.render())
-    assert list(families) == ["remus_value", "remus_pause_seconds", "remus_age"]
-    for name in ("remus_value", "remus_age"):
-        fam = families[name]
-        assert fam.type == "gauge"
-        assert fam.help == (help_text or None)
-        got = {(lab["protection"], lab["peer"]): v for _, lab, v in fam.samples}
-        assert len(got) == len(fam.samples) == len(series)
-        for key, value in series.items():
-            # Prometheus reads every value as a float64, so an int beyond 2**53 rounds
-            assert got[key] == float(value) or (math.isnan(got[key]) and math.isnan(value))
-
-    hist = histogram_series(families["remus_pause_seconds"])
-    assert set(hist) == {(("protection", p),) for p in observations}
-    for protection, values in observations.items():
-        s = hist[(("protection", protection),)]
-        assert s["count"] == len(values)
-        assert s["sum"] == pytest.approx(math.fsum(values), abs=1e-6)
-        for bound, count in s["buckets"]:  # type: ignore[attr-defined]
-            assert count == sum(1 for v in values if v <= bound)
-
-
-def test_parser_is_strict() -> None:
-    for bad in (
-        b"x 1",  # no final newline
-        b"x 1\n",  # no TYPE
-        b'# TYPE x gauge\nx{a="\\t"} 1\n',  # unknown escape
-        b'# TYPE x gauge\nx{a="1"b="2"} 1\n',
-        b"# TYPE x gauge\nx 1e\n",
-        b"# TYPE x gauge\nx 1\nx 2\n",
-        b"# TYPE x gauge\ny 1\n",
-    ):
-        with pytest.raises(ParseError):
-            parse(bad)
-
-
-# -- names, labels, values --------------------------------------------------------------------
-
-
-def test_duplicate_names_refused() -> None:
-    reg = MetricsRegistry()
-    reg.counter("a_total", "A.")
-    with pytest.raises(ValueError, match="already registered"):
-        reg.gauge("a_total", "Again.")
-    reg.histogram("pause", "P.")
-    for clash in ("pause", "pause_bucket", "pause_sum", "pause_count"):
-        with pytest.raises(ValueError, match="already registered"):
-            reg.counter(clash, "C.")
-    reg.gauge("lag_count", "L.")
-    with pytest.raises(ValueError, match="lag_count"):
-        reg.histogram("lag", "L.")  # its _count would shadow the gauge
-    reg.unregister("pause")
-    reg.gauge("pause_sum", "free again")
-    reg.histogram("lag2", "after a refused one, the registry is unchanged")
-    assert list(parse(reg.render())) == ["a_total", "lag_count", "pause_sum", "lag2"]
-
-
-@pytest.mark.parametrize("name", ["", "1abc", "a-b", "a b", "é", "a{b}", "a\n"])
-def test_invalid_metric_names_refused(name: str) -> None:
-    reg = MetricsRegistry()
-    with pytest.raises(ValueError, match="invalid metric name"):
-        reg.counter(name, "N.")
-    assert reg.render() == b""
-
-
-def test_valid_metric_names() -> None:
-    reg = MetricsRegistry()
-    for name in ("a", "_x", ":recording:rule", "remus_x9_total"):
-        reg.gauge(name, "V.")
-    assert len(parse(reg.render())) == 4
-
-
-def test_invalid_label_names_refused() -> None:
-    reg = MetricsRegistry()
-    for labels in (["a-b"], ["1a"], ["__name"], ["a", "a"], [""]):
-        with pytest.raises(ValueError, match="label name"):
-            reg.gauge("g", "G.", labels)
-    with pytest.raises(ValueError, match="reserved"):
-        reg.histogram("h", "H.", ["le"])
-    with pytest.raises(TypeError):
-        reg.gauge("g", "G.", "protection")
-    reg.gauge("g", "G.", ["le"])  # only a histogram owns le
-
-
-def test_wrong_label_sets_and_values_refused() -> None:
-    reg = MetricsRegistry()
-    c = reg.counter("c_total", "C.", ["protection", "reason"])
-    with pytest.raises(ValueError, match="expected labels"):
-        c.labels(protection="vm1")
-    with pytest.raises(ValueError, match="expected labels"):
-        c.labels(protection="vm1", reason="x", extra="y")
-    with pytest.raises(ValueError, match="expected labels"):
-        c.inc()  # the shorthand is for unlabelled counters
-    with pytest.raises(ValueError, match="only goes up"):
-        c.labels(protection="vm1", reason="x").inc(-1)
-    with pytest.raises(ValueError, match="only goes up"):
-        c.labels(protection="vm1", reason="x").inc(math.nan)
-    with pytest.raises(ValueError, match="NaN"):
-        reg.histogram("h", "H.").observe(math.nan)
-    with pytest.raises(ValueError, match="increasing"):
-        reg.histogram("h2", "H.", buckets=[1, 0.5])
-    with pytest.raises(ValueError, match="NaN"):
-        reg.histogram("h3", "H.", buckets=[math.nan])
-    assert c.labels(protection="vm1", reason=7) is c.labels(reason="7", protection="vm1")
-
-
-def test_gauge_inc_dec_and_get() -> None:
-    reg = MetricsRegistry()
-    g = reg.gauge("g", "G.")
-    g.inc(5)
-    g.dec(2)
-    assert g.labels().get() == 3
-    g.set(-1.5)
-    assert b"g -1.5\n" in reg.render()
-
-
-def test_remove_and_remove_matching() -> None:
-    reg = MetricsRegistry()
-    c = reg.counter("lag_total", "L.", ["protection", "reason"])
-    h = reg.histogram("pause", "P.", ["protection"], buckets=[1])
-    g = reg.gauge("hosts", "H.", ["peer"])
-    for vm in ("vm1", "vm2"):
-        c.labels(protection=vm, reason="slow").inc()
-        c.labels(protection=vm, reason="lost").inc()
-        h.labels(protection=vm).observe(0.5)
-    g.labels(peer="hostB").set(1)
-
-    assert c.remove(protection="vm1", reason="slow") is True
-    assert c.remove(protection="vm1", reason="slow") is False
-    with pytest.raises(ValueError):
-        c.remove(protection="vm1")  # remove wants the full label set
-    assert reg.remove_matching(protection="vm1") == 2  # one counter child, one histogram
-    fams = parse(reg.render())
-    assert {lab["protection"] for _, lab, _ in fams["lag_total"].samples} == {"vm2"}
-    assert set(histogram_series(fams["pause"])) == {(("protection", "vm2"),)}
-    assert len(fams["hosts"].samples) == 1  # no protection label: untouched
-    h.labels(protection="vm1").observe(0.1)  # a new child starts from zero
-    assert b'pause_count{protection="vm1"} 1\n' in reg.render()
-
-
-def test_callback_gauge_is_evaluated_at_render_time() -> None:
-    reg = MetricsRegistry()
-    now = [100.0]
-    reg.callback_gauge(
-        "remus_last_checkpoint_age_seconds",
-        "Age of the last consistent checkpoint.",
-        lambda: {("vm1",): now[0] - 90, ("vm0",): 0.25},
-        ["protection"],
-    )
-    first = reg.render()
-    now[0] = 130.0
-    second = reg.render()
-    assert b'remus_last_checkpoint_age_seconds{protection="vm0"} 0.25\n' in first
-    assert b'remus_last_checkpoint_age_seconds{protection="vm1"} 10\n' in first
-    assert b'remus_last_checkpoint_age_seconds{protection="vm1"} 40\n' in second
-    assert reg.remove_matching(protection="vm1") == 0  # the callback decides
-
-
-def test_failing_callback_does_not_hide_other_metrics(caplog: pytest.LogCaptureFixture) -> None:
-    reg = MetricsRegistry()
-
-    def broken() -> dict[tuple[str, ...], float]:
-        raise RuntimeError("status file vanished")
-
-    reg.callback_gauge("broken", "B.", broken)
-    reg.callback_gauge("odd", "O.", lambda: {("vm1",): 1, ("a", "b"): 2}, ["protection"])
-    reg.gauge("fine", "F.").set(1)
-    fams = parse(reg.render())
-    assert fams["broken"].samples == []
-    assert fams["odd"].samples == [("odd", {"protection": "vm1"}, 1.0)]
-    assert fams["fine"].samples == [("fine", {}, 1.0)]
-    assert "status file vanished" in caplog.text
+@settings(max_examples=100, deadline=None)
+@given(name=label_values, peer=label_values, url=label_values, lag=st.floats(0, 1e6))
+def test_round_trip_through_a_strict_parser(name: str, peer: str, url: str, lag: float) -> None:
+    st_ = ProtectionStatus(name, Role.PRIMARY, peer=peer, checkpoints=2, ack_lag_ms_p50=lag)
+    lease = {**LEASE, "url": url}
+    row = Seen(name, peer, "primary", "replicating", "unprotected", st_, lease)
+    fams = parse(Metrics(Rows(row)).render())
+    clean = [v.encode("utf-8", "replace").decode() for v in (name, peer, url)]
+    assert fams["remus_ack_lag_seconds"].samples == [
+        ("remus_ack_lag_seconds", {"domain": clean[0], "peer": clean[1]}, lag / 1e3)
+    ]
+    assert fams["remus_unprotected"].samples[0][2] == 1
+    (info,) = fams["remus_witness_info"].samples
+    assert info[1] == {"domain": clean[0], "role": "primary", "witness": clean[2]}
