@@ -23,18 +23,20 @@ import signal
 import ssl
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Final
 
+from aiohttp import web
+
 from ..protection.host import host_facts, open_host
 from ..protection.spec import Mode, ProtectionSpec, SpecError, api_schema
-from ..protection.status import PAUSE_BUCKETS, ColoFigures, ProtectionStatus, Role, State
+from ..protection.status import ProtectionStatus
 from . import config as configmod
-from .http import ApiError, EventStream, HttpServer, Request, Response, Route, Router
-from .metrics import CONTENT_TYPE, Counter, MetricsRegistry
+from .http import BODY, QUERY, ApiError, ApiServer, Route, event_stream, json_response
+from .metrics import CONTENT_TYPE, Metrics, Seen
 from .registry import NotFound, ProtectionRecord, Registry
-from .supervisor import LEASE_VALID, UNPROTECTED, ProtectError, Supervisor
+from .supervisor import ProtectError, Supervisor
 
 log = logging.getLogger("remusd")
 
@@ -56,51 +58,6 @@ CODES: Final = {
 # POST /v1/protections: derived from the spec's table, so the API's names, bounds
 # and defaults are the CLI's and the worker's
 PROTECT_SCHEMA: Final = api_schema()
-
-
-def _seconds(ms: float | None) -> float | None:
-    return None if ms is None else ms / 1e3
-
-
-def _colo(
-    get: Callable[[ColoFigures], float | None],
-) -> Callable[[ProtectionStatus], float | None]:
-    return lambda st: None if st.colo is None else get(st.colo)
-
-
-# The gauges read from the workers' status: (metric, help, the mode it is for (None:
-# any), the value in the metric's unit). Each names its attribute and its scale.
-STATUS_GAUGES: Final[
-    tuple[tuple[str, str, Mode | None, Callable[[ProtectionStatus], float | None]], ...]
-] = (
-    ("remus_dirty_pages", "Pages sent per checkpoint (median)", None,
-     lambda st: st.dirty_pages_p50),
-    ("remus_dirty_bytes", "Bytes of pages per checkpoint (median)", None,
-     lambda st: st.dirty_bytes_p50),
-    ("remus_disk_blocks", "Disk blocks per checkpoint (median)", None,
-     lambda st: st.disk_blocks_p50),
-    ("remus_held_output_packets", "Output packets held now", None,
-     lambda st: st.held_packets),
-    ("remus_held_output_bytes", "Output bytes held now (proxy)", None,
-     lambda st: st.held_bytes),
-    ("remus_ack_lag_seconds", "CHECKPOINT_END to ACK (median)", None,
-     lambda st: _seconds(st.ack_lag_ms_p50)),
-    ("remus_last_checkpoint_age_seconds", "Age of the last consistent checkpoint", None,
-     lambda st: st.last_checkpoint_age_s),
-    ("remus_colo_compare_wait_seconds",
-     "COLO: how long output released on a match waited for the secondary's (median)",
-     Mode.COLO, _colo(lambda c: _seconds(c.compare_wait_ms_p50))),
-    ("remus_colo_held_packets",
-     "COLO: output packets held now for the secondary's or a checkpoint",
-     Mode.COLO, lambda st: st.held_packets),
-)  # fmt: skip
-
-# remus_colo_checkpoints_total's reason label, and the figure it counts
-COLO_REASONS: Final[tuple[tuple[str, Callable[[ColoFigures], int | None]], ...]] = (
-    ("divergence", lambda c: c.checkpoints_by_divergence),
-    ("held", lambda c: c.checkpoints_by_held_output),
-    ("timer", lambda c: c.checkpoints_by_timer),
-)
 
 
 def _figure(description: str, kind: str = "integer") -> dict[str, Any]:
@@ -232,14 +189,12 @@ class Service:
         self.registry = Registry(cfg.registry_path)
         # Xen where this is a dom0 ($REMUS_BACKEND overrides), else the simulation
         self.hv = open_host(None, Path(cfg.state.host) if cfg.state.host else None)
-        self.metrics = MetricsRegistry()
-        self._new_event = asyncio.Condition()
-        self._seen: dict[tuple[str, int], dict[str, Any]] = {}
         # before the supervisor, whose events some counters count
-        self._build_metrics()
+        self.metrics = Metrics(self._scrape)
+        self._new_event = asyncio.Condition()
         self.supervisor = Supervisor(cfg, self.registry, self.hv, self.emit)
-        self.router = Router(self._routes(), title="remusd", version=VERSION)
-        self.servers: list[HttpServer] = []
+        self.api = ApiServer(self._routes(), title="remusd", version=VERSION)
+        self.servers: list[ApiServer] = []
         self.started = time.time()
 
     # -- events ----------------------------------------------------------------------
@@ -247,9 +202,8 @@ class Service:
     def emit(self, kind: str, message: str, name: str | None, data: dict[str, Any] | None) -> None:
         ev = self.registry.append_event(kind, message, name, data)
         log.info("event %d %s %s: %s", ev.id, name or "-", kind, message)
-        counter = self._event_counters.get(kind)
-        if counter is not None and name is not None:
-            counter.labels(domain=name).inc()
+        if name is not None:
+            self.metrics.count_event(kind, name)
         if ev.id % 1000 == 0:
             self.registry.prune_events(EVENTS_KEEP)
 
@@ -269,235 +223,17 @@ class Service:
 
     # -- metrics -----------------------------------------------------------------------
 
-    def _build_metrics(self) -> None:
-        m, labels = self.metrics, ("domain", "peer")
-        self.m_checkpoints = m.counter(
-            "remus_checkpoints_total", "Checkpoints acknowledged by the secondary", labels
-        )
-        self.m_pause = m.histogram(
-            "remus_checkpoint_pause_seconds",
-            "Time the guest was suspended per checkpoint",
-            labels,
-            buckets=PAUSE_BUCKETS,
-        )
-        self.m_failovers = m.counter(
-            "remus_failovers_total", "Failovers this host took over", ("domain",)
-        )
-        for metric, help_text, mode, get in STATUS_GAUGES:
-            m.callback_gauge(metric, help_text, self._status_values(get, mode), labels)
-        m.callback_gauge(
-            "remus_replication_state",
-            "1 for the protection's current state",
-            self._states,
-            ("domain", "peer", "role", "state"),
-        )
-        self.m_colo_checkpoints = m.counter(
-            "remus_colo_checkpoints_total",
-            "COLO checkpoints by what asked for them (divergent output, output held too "
-            "long, the timer)",
-            (*labels, "reason"),
-        )
-        self.m_colo_compared = m.counter(
-            "remus_colo_compared_packets_total",
-            "COLO: primary output packets compared with the secondary's",
-            labels,
-        )
-        self.m_colo_mismatches = m.counter(
-            "remus_colo_mismatches_total",
-            "COLO: comparisons that found the output different",
-            labels,
-        )
-        self.m_colo_mirrored = m.counter(
-            "remus_colo_mirrored_packets_total",
-            "COLO: client packets mirrored to the secondary copy",
-            labels,
-        )
-        self._build_witness_metrics()
-
-    def _build_witness_metrics(self) -> None:
-        """The lease (issue 22): who holds it here, for how long, and what it cost."""
-        m, labels = self.metrics, ("domain", "peer", "role")
-        m.callback_gauge(
-            "remus_witness_lease_held",
-            "1 while this host holds the protection's lease on its witness (held, or "
-            "uncertain: a renewal failed and the lease is still valid), by its worker or by "
-            "remusd settling a dead worker's guest; else 0. No series without a witness",
-            self._lease_values(lambda v: float(v["lease"] in LEASE_VALID)),
-            labels,
-        )
-        m.callback_gauge(
-            "remus_witness_lease_valid_seconds",
-            "How long the lease held here stays valid, counted from its last renewal sent "
-            "(+Inf: a file witness's lock, held until its holder dies); no series when it "
-            "is not held",
-            self._lease_values(lambda v: v["lease_valid_for_s"]),
-            labels,
-        )
-        m.callback_gauge(
-            "remus_witness_lease_state",
-            "1 for the lease's state as this host sees it: held, uncertain (a renewal "
-            "failed, still valid), expired, lost (another holder seen), not_held, or none "
-            "(nobody here holds or seeks it: no worker runs)",
-            self._lease_states,
-            (*labels, "state"),
-        )
-        m.callback_gauge(
-            "remus_witness_info",
-            "1 for each protection under a witness; the witness label is its URL (a "
-            "password taken out)",
-            self._witness_info,
-            ("domain", "role", "witness"),
-        )
-        m.callback_gauge(
-            "remus_unprotected",
-            "1 while a primary's guest runs here with nothing replicating it (its secondary "
-            "was lost and it runs on holding the lease, or remusd resumed it under the lease "
-            "after its worker died), else 0",
-            self._unprotected,
-            ("domain", "peer"),
-        )
-        # counted from the events that say so, whoever acted (worker, guard, remusd)
-        self._event_counters = {
-            "fenced": m.counter(
-                "remus_witness_fenced_total",
-                "Times this host's copy was fenced: its guest paused (or destroyed by its "
-                "fence guard) because the lease could not be confirmed, by its worker, its "
-                "guard or remusd on a dead worker's behalf",
-                ("domain",),
-            ),
-            "lease-lost": m.counter(
-                "remus_witness_lease_lost_total",
-                "Times the lease under this host's copy was lost (another holder seen) or ran out",
-                ("domain",),
-            ),
-            "taken-over": m.counter(
-                "remus_witness_taken_over_total",
-                "Times this host's copy was destroyed because another host took the guest "
-                "over (its mark on the witness)",
-                ("domain",),
-            ),
-        }
-
-    def _leases(self) -> list[tuple[ProtectionRecord, dict[str, Any]]]:
-        out = []
-        for rec in self.registry.list():
-            view = self.supervisor.lease_view(rec, self.supervisor.read_status(rec.name))
-            if view is not None:
-                out.append((rec, view))
-        return out
-
-    def _lease_values(
-        self, get: Callable[[dict[str, Any]], float | None]
-    ) -> Callable[[], dict[tuple[str, ...], float]]:
-        def values() -> dict[tuple[str, ...], float]:
-            out: dict[tuple[str, ...], float] = {}
-            for rec, view in self._leases():
-                value = get(view)
-                if value is not None:
-                    out[(rec.name, rec.peer, rec.role)] = float(value)
-            return out
-
-        return values
-
-    def _lease_states(self) -> dict[tuple[str, ...], float]:
-        return {
-            (rec.name, rec.peer, rec.role, view["lease"] or "none"): 1.0
-            for rec, view in self._leases()
-        }
-
-    def _witness_info(self) -> dict[tuple[str, ...], float]:
-        return {(rec.name, rec.role, str(view["url"])): 1.0 for rec, view in self._leases()}
-
-    def _unprotected(self) -> dict[tuple[str, ...], float]:
-        out: dict[tuple[str, ...], float] = {}
-        for rec in self.registry.list():
-            if rec.role == "primary":
-                state, _ = self._state_of(rec, self.supervisor.read_status(rec.name))
-                out[(rec.name, rec.peer)] = float(state == UNPROTECTED)
-        return out
-
-    def _statuses(self) -> list[tuple[ProtectionRecord, ProtectionStatus]]:
+    def _scrape(self) -> list[Seen]:
+        """Each protection as a metrics scrape reads it: its worker's status read once."""
         out = []
         for rec in self.registry.list():
             st = self.supervisor.read_status(rec.name)
-            if st is not None:
-                out.append((rec, st))
+            state, _ = self._state_of(rec, st)
+            view = self.supervisor.lease_view(rec, st)
+            out.append(Seen(rec.name, rec.peer, rec.role, rec.last_state, state, st, view))
         return out
 
-    def _status_values(
-        self, get: Callable[[ProtectionStatus], float | None], mode: Mode | None
-    ) -> Callable[[], dict[tuple[str, ...], float]]:
-        def values() -> dict[tuple[str, ...], float]:
-            out: dict[tuple[str, ...], float] = {}
-            for rec, st in self._statuses():
-                value = get(st) if mode in (None, st.mode) else None
-                if value is not None:  # not measured: no series rather than a made-up 0
-                    out[(rec.name, rec.peer)] = float(value)
-            return out
-
-        return values
-
-    def _states(self) -> dict[tuple[str, ...], float]:
-        return {(rec.name, rec.peer, rec.role, rec.last_state): 1.0 for rec in self.registry.list()}
-
-    def _fold_counters(self) -> None:
-        """Workers count from zero; remusd's counters go on across worker restarts."""
-        statuses = self._statuses()
-        # only the running workers' last figures are kept: a restarted worker's or a
-        # deleted protection's would otherwise stay for as long as remusd runs
-        live = {(rec.name, st.pid) for rec, st in statuses}
-        self._seen = {k: v for k, v in self._seen.items() if k in live}
-        for rec, st in statuses:
-            key = (rec.name, st.pid)
-            before = self._seen.get(key, {})
-            seen = dict(before)
-            done = st.checkpoints
-            if st.role is Role.PRIMARY:
-                self.m_checkpoints.labels(domain=rec.name, peer=rec.peer).inc(
-                    max(0, done - int(before.get("checkpoints", 0)))
-                )
-                hist = st.pause_histogram
-                # a worker with other bounds than ours would merge into the wrong buckets
-                if tuple(hist.le) == PAUSE_BUCKETS:
-                    old = before.get("counts") or [0] * len(hist.counts)
-                    delta = [max(0, n - o) for n, o in zip(hist.counts, old, strict=True)]
-                    if any(delta):
-                        self.m_pause.labels(domain=rec.name, peer=rec.peer).merge(
-                            delta, max(0.0, hist.sum - float(before.get("sum", 0.0)))
-                        )
-                    seen.update(counts=list(hist.counts), sum=hist.sum)
-                if st.mode is Mode.COLO and st.colo is not None:
-                    self._fold_colo(rec, st.colo, before, seen)
-            if st.state is State.FAILED_OVER and not before.get("failed_over"):
-                self.m_failovers.labels(domain=rec.name).inc()
-                seen["failed_over"] = True
-            self._seen[key] = {**seen, "checkpoints": done}
-
-    def _fold_colo(
-        self,
-        rec: ProtectionRecord,
-        colo: ColoFigures,
-        before: dict[str, Any],
-        seen: dict[str, Any],
-    ) -> None:
-        labels = {"domain": rec.name, "peer": rec.peer}
-        counters: list[tuple[Counter, dict[str, str], str, int | None]] = [
-            (self.m_colo_checkpoints, {**labels, "reason": reason}, reason, get(colo))
-            for reason, get in COLO_REASONS
-        ]
-        counters += [
-            (self.m_colo_compared, labels, "compared", colo.compared_packets),
-            (self.m_colo_mismatches, labels, "mismatches", colo.mismatches),
-            (self.m_colo_mirrored, labels, "mirrored", colo.mirrored_packets),
-        ]
-        for family, values, seen_key, value in counters:
-            if value is None:  # -n: nothing compared or mirrored, so no series either
-                continue
-            family.labels(**values).inc(max(0, value - int(before.get(seen_key, 0))))
-            seen[seen_key] = value
-
     def render_metrics(self) -> bytes:
-        self._fold_counters()
         return self.metrics.render()
 
     # -- handlers ----------------------------------------------------------------------
@@ -562,9 +298,9 @@ class Service:
             "lease_expires": not str(view["url"]).startswith("file:"),
         }
 
-    async def h_health(self, _req: Request) -> Response:
-        return Response(
-            body={
+    async def h_health(self, _req: web.Request) -> web.Response:
+        return json_response(
+            {
                 "status": "ok",
                 "version": VERSION,
                 "uptime_s": round(time.time() - self.started, 3),
@@ -572,10 +308,10 @@ class Service:
             }
         )
 
-    async def h_host(self, _req: Request) -> Response:
+    async def h_host(self, _req: web.Request) -> web.Response:
         facts = host_facts(self.hv)
-        return Response(
-            body={
+        return json_response(
+            {
                 **{k: v for k, v in facts.items() if k != "protocol_version"},
                 "replication": {
                     "listen": self.cfg.replication.listen,
@@ -585,17 +321,17 @@ class Service:
             }
         )
 
-    async def h_list(self, _req: Request) -> Response:
-        return Response(body=[self._protection(r.name) for r in self.registry.list()])
+    async def h_list(self, _req: web.Request) -> web.Response:
+        return json_response([self._protection(r.name) for r in self.registry.list()])
 
-    async def h_get(self, req: Request) -> Response:
-        return Response(body=self._protection(req.params["name"]))
+    async def h_get(self, req: web.Request) -> web.Response:
+        return json_response(self._protection(req.match_info["name"]))
 
-    async def h_protect(self, req: Request) -> Response:
+    async def h_protect(self, req: web.Request) -> web.Response:
         # the schema has checked types and bounds; the spec checks them again, as it does
         # for every form (the peer's address is the pre-flight's, with the other checks)
         try:
-            spec = ProtectionSpec.from_api(req.body, self.cfg.spec_defaults())
+            spec = ProtectionSpec.from_api(req[BODY], self.cfg.spec_defaults())
         except SpecError as exc:
             # 422 as for a failed pre-flight: the body is well-formed, the request is not
             # one this host can carry out; the field is named as a schema error names it
@@ -617,64 +353,64 @@ class Service:
             await self.supervisor.protect(spec)
         except ProtectError as exc:
             raise _api_error(exc) from None
-        return Response(201, self._protection(spec.name))
+        return json_response(self._protection(spec.name), 201)
 
-    async def h_delete(self, req: Request) -> Response:
-        name = req.params["name"]
+    async def h_delete(self, req: web.Request) -> web.Response:
+        name = req.match_info["name"]
         self._protection(name)
         try:
             await self.supervisor.unprotect(name)
         except ProtectError as exc:
             raise _api_error(exc) from None
-        self.metrics.remove_matching(domain=name)  # its series go with it
-        return Response(204)
+        self.metrics.forget(name)  # its series go with it
+        return web.Response(status=204)
 
-    async def h_pause(self, req: Request) -> Response:
-        name = req.params["name"]
+    async def h_pause(self, req: web.Request) -> web.Response:
+        name = req.match_info["name"]
         self._protection(name)
         try:
             await self.supervisor.unprotect(name, keep_record=True)
         except ProtectError as exc:
             raise _api_error(exc) from None
-        return Response(body=self._protection(name))
+        return json_response(self._protection(name))
 
-    async def h_resume(self, req: Request) -> Response:
-        name = req.params["name"]
+    async def h_resume(self, req: web.Request) -> web.Response:
+        name = req.match_info["name"]
         self._protection(name)
         try:
             await self.supervisor.resume(name)
         except ProtectError as exc:
             raise _api_error(exc) from None
-        return Response(body=self._protection(name))
+        return json_response(self._protection(name))
 
-    async def h_failover(self, req: Request) -> Response:
-        name = req.params["name"]
+    async def h_failover(self, req: web.Request) -> web.Response:
+        name = req.match_info["name"]
         self._protection(name)
         try:
-            self.supervisor.failover(name, bool((req.body or {}).get("force", False)))
+            self.supervisor.failover(name, bool((req[BODY] or {}).get("force", False)))
         except ProtectError as exc:
             raise _api_error(exc) from None
-        return Response(202, {"name": name, "failover": "requested"})
+        return json_response({"name": name, "failover": "requested"}, 202)
 
-    async def h_events(self, req: Request) -> Response:
-        after = int(req.query.get("after", 0))
-        wait = float(req.query.get("wait", 0))
-        limit = int(req.query.get("limit", 100))
-        name = req.query.get("name")
+    async def h_events(self, req: web.Request) -> web.Response:
+        query = req[QUERY]
+        after, wait, limit = query.get("after", 0), query.get("wait", 0), query.get("limit", 100)
+        name = query.get("name")
         if wait and self.registry.latest_event_id() <= after:
             await self._wait_event(after, wait)
         events = self.registry.events_since(after, limit, name)
-        return Response(body=[_event_json(e) for e in events])
+        return json_response([_event_json(e) for e in events])
 
-    async def h_event_stream(self, req: Request) -> EventStream:
-        resume_from = req.headers.get("last-event-id", "")  # a reconnecting client
-        if "after" in req.query:
-            after = int(req.query["after"])
+    async def h_event_stream(self, req: web.Request) -> web.StreamResponse:
+        query = req[QUERY]
+        resume_from = req.headers.get("Last-Event-ID", "")  # a reconnecting client
+        if "after" in query:
+            after = int(query["after"])
         elif resume_from.isdigit():
             after = int(resume_from)
         else:
             after = self.registry.latest_event_id()
-        name = req.query.get("name")
+        name = query.get("name")
 
         async def gen() -> AsyncIterator[tuple[str, Any, str | None]]:
             cursor = after
@@ -684,10 +420,10 @@ class Service:
                     yield e.kind, _event_json(e), str(e.id)
                 await self._wait_event(cursor, 15.0)
 
-        return EventStream(gen())
+        return await event_stream(req, gen())
 
-    async def h_metrics(self, _req: Request) -> Response:
-        return Response(raw=self.render_metrics(), content_type=CONTENT_TYPE)
+    async def h_metrics(self, _req: web.Request) -> web.Response:
+        return web.Response(body=self.render_metrics(), headers={"Content-Type": CONTENT_TYPE})
 
     def _routes(self) -> list[Route]:
         name_404 = [(404, "PROTECTION_NOT_FOUND")]
@@ -789,7 +525,7 @@ class Service:
 
     async def start(self) -> None:
         await self.supervisor.start()
-        api = HttpServer(self.router, token=_read_token(self.cfg.api.token_file))
+        api = self.api
         Path(self.cfg.api.socket).parent.mkdir(parents=True, exist_ok=True)
         await api.start_unix(self.cfg.api.socket)
         self.servers.append(api)
@@ -800,14 +536,13 @@ class Service:
             if self.cfg.api.tls_cert:
                 ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
                 ctx.load_cert_chain(self.cfg.api.tls_cert, self.cfg.api.tls_key)
-            await api.start_tcp(addr[0], addr[1], ctx)
+            await api.start_tcp(addr[0], addr[1], ctx, _read_token(self.cfg.api.token_file))
         maddr = configmod.parse_hostport("metrics.listen", self.cfg.metrics.listen, True)
         if maddr is not None:
-            only_metrics = Router(
+            metrics_server = ApiServer(
                 [Route("GET", "/metrics", self.h_metrics, content_type=CONTENT_TYPE, public=True)],
                 openapi_path=None,
             )
-            metrics_server = HttpServer(only_metrics)
             self.metrics_port = await metrics_server.start_tcp(maddr[0], maddr[1])
             self.servers.append(metrics_server)
         self.emit("started", f"remusd {VERSION} started", None, {"pid": os.getpid()})
