@@ -14,6 +14,8 @@ from orchestrator.hypervisors.sim import SimHypervisor
 from orchestrator.streams.synth import Chunk
 
 from .etcd import EtcdServer
+from .hostlab import HostLab
+from .hostlab import unavailable as hostlab_unavailable
 
 
 def join(chunks: Iterable[Chunk]) -> bytes:
@@ -45,3 +47,15 @@ def etcd(tmp_path: Path) -> Iterator[EtcdServer]:
         yield server
     finally:
         server.kill()
+
+
+@pytest.fixture(scope="module")
+def hostlab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HostLab]:
+    """Hosts A and B in network namespaces of their own, cut apart at will, with a real
+    etcd each reaches over its own path (tests/hostlab.py); one per test module, reset
+    by the tests between runs (HostLab.reset)."""
+    why = hostlab_unavailable()
+    if why:
+        pytest.skip(f"host lab: {why}")
+    with HostLab(tmp_path_factory.mktemp("hostlab")) as lab:
+        yield lab

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -18,11 +19,16 @@ def free_port() -> int:
 
 
 class EtcdServer:
-    """One etcd member as a child process; kill() and start() again on the same data."""
+    """One etcd member as a child process; kill() and start() again on the same data.
 
-    def __init__(self, binary: str, data_dir: Path) -> None:
+    ``hosts``: more addresses of this machine it serves clients on (on the same
+    port as 127.0.0.1), so that each simulated host of a lab reaches it over a
+    path of its own (:meth:`url_at`)."""
+
+    def __init__(self, binary: str, data_dir: Path, hosts: Sequence[str] = ()) -> None:
         self.binary = binary
         self.data_dir = data_dir
+        self.hosts = tuple(hosts)
         self.port = free_port()
         self.peer_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -32,8 +38,19 @@ class EtcdServer:
     def url(self) -> str:
         return f"etcd3+http://127.0.0.1:{self.port}"
 
+    def url_at(self, host: str) -> str:
+        """The witness URL of the client address ``host`` (one of ``hosts``)."""
+        if host not in self.hosts:
+            raise ValueError(f"etcd serves clients on 127.0.0.1 and {self.hosts}, not {host}")
+        return f"etcd3+http://{host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def start(self) -> None:
         client = f"http://127.0.0.1:{self.port}"
+        listen = ",".join([client, *(f"http://{h}:{self.port}" for h in self.hosts)])
         peer = f"http://127.0.0.1:{self.peer_port}"
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
@@ -41,7 +58,7 @@ class EtcdServer:
                     self.binary,
                     "--name", "witness",
                     "--data-dir", str(self.data_dir),
-                    "--listen-client-urls", client,
+                    "--listen-client-urls", listen,
                     "--advertise-client-urls", client,
                     "--listen-peer-urls", peer,
                     "--initial-advertise-peer-urls", peer,
@@ -54,7 +71,7 @@ class EtcdServer:
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-            )
+            )  # fmt: skip
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

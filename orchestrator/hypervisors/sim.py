@@ -113,43 +113,76 @@ def have_netns() -> bool:
     return os.geteuid() == 0 and shutil.which("ip") is not None
 
 
-def install_unreachable_route() -> None:
-    """The pool's ``unreachable`` route in the root namespace, idempotently (as root).
+def install_unreachable_route(netns: str | None = None) -> None:
+    """The pool's ``unreachable`` route in our namespace (or in ``netns``, a host's
+    own), idempotently (as root).
 
     ``replace`` both adds it and mends a route for the pool that points
     elsewhere, which is exactly the leak this route exists to stop."""
     if not have_netns():
         return
-    cmd = ["ip", "route", "replace", "unreachable", str(ADDRESS_POOL)]
+    cmd = _ip(netns, "route", "replace", "unreachable", str(ADDRESS_POOL))
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         raise HypervisorError(f"{' '.join(cmd)}: {r.stderr.strip()}")
 
 
-def drop_vif_rules(vif: str) -> None:
+def drop_vif_rules(vif: str, netns: str | None = None) -> None:
     """Remove the iptables rules that name a vif being destroyed, as Xen's vif
     hotplug script does on offline: a primary killed while it held the guest's
     output (NFQUEUE) leaves its rule behind, and a later vif of the same name
-    would have its packets queued to nobody."""
+    would have its packets queued to nobody. ``netns``: the host's own
+    namespace, where its vifs (and the rules naming them) live."""
     if shutil.which("iptables") is None:
         return
-    listing = subprocess.run(["iptables", "-w", "-S", "INPUT"], capture_output=True, text=True)
+    iptables = _in_netns(netns, ["iptables", "-w"])
+    listing = subprocess.run([*iptables, "-S"], capture_output=True, text=True)  # every chain
     for line in listing.stdout.splitlines():
         words = line.split()
         if words[:1] == ["-A"] and vif in words:
-            subprocess.run(["iptables", "-w", "-D", *words[1:]], capture_output=True)
+            subprocess.run([*iptables, "-D", *words[1:]], capture_output=True)
+
+
+def _ip(netns: str | None, *args: str) -> list[str]:
+    """An `ip` command in ``netns`` (by name, from whichever namespace we are in)."""
+    return ["ip", *(("-n", netns) if netns else ()), *args]
+
+
+def _in_netns(netns: str | None, cmd: list[str]) -> list[str]:
+    return ["ip", "netns", "exec", netns, *cmd] if netns else cmd
+
+
+NETNS_FILE: Final = "netns"  # in a host directory: the host's own network namespace
 
 
 class SimHypervisor(Hypervisor):
+    """``netns``: the host lives in that network namespace of its own (recorded in
+    the host directory, so every process of the host finds it): its guests' vifs
+    and the iptables rules naming them are there, and its orchestrator processes
+    run there (``ip netns exec``), so that a test can cut one host off from the
+    other or from the witness. None: whatever the directory records, by default
+    the namespace we run in; "": none, and the record is removed."""
+
     name = "sim"
 
-    def __init__(self, host: Path | None = None, use_netns: bool | None = None) -> None:
+    def __init__(
+        self, host: Path | None = None, use_netns: bool | None = None, netns: str | None = None
+    ) -> None:
         self.host = Path(host) if host is not None else default_host_dir()
         (self.host / "domains").mkdir(parents=True, exist_ok=True)
         self.use_netns = have_netns() if use_netns is None else use_netns
+        record = self.host / NETNS_FILE
+        if netns is not None:
+            if netns:
+                record.write_text(netns + "\n")
+            else:
+                record.unlink(missing_ok=True)
+        self.netns = (record.read_text().strip() or None) if record.exists() else None
         # as root even without namespaces of our own: another host on this machine
         # may have left guests' addresses behind
         install_unreachable_route()
+        if self.use_netns and self.netns:
+            install_unreachable_route(self.netns)
         self.tag = f"{zlib.crc32(str(self.host.resolve()).encode()) & 0xFFFF:04x}"
         # one event-channel connection per domain, reused while the event loop lives
         self._evtchn: dict[
@@ -334,12 +367,17 @@ class SimHypervisor(Hypervisor):
         await asyncio.to_thread(self._start_guest, dom, 0)
         return self._info(dom)
 
-    def _netns(self, domid: int) -> tuple[str, str, str, str]:
-        """(namespace, host-side vif, host address, guest address) of a domain."""
+    def host_subnet(self) -> ipaddress.IPv4Network:
+        """The part of the pool this host's guests' /30 links come from (a /26)."""
         t = int(self.tag, 16)
         host_index = (t ^ (t >> HOST_BITS)) & ((1 << HOST_BITS) - 1)  # all 16 bits count
-        link_index = host_index * LINKS_PER_HOST + self._link_slot(domid)
-        link = ADDRESS_POOL.network_address + 4 * link_index
+        first = ADDRESS_POOL.network_address + 4 * host_index * LINKS_PER_HOST
+        return ipaddress.IPv4Network((first, ADDRESS_POOL.prefixlen + HOST_BITS))
+
+    def _netns(self, domid: int) -> tuple[str, str, str, str]:
+        """(namespace, host-side vif, host address, guest address) of a domain."""
+        subnet = self.host_subnet()
+        link = subnet.network_address + 4 * self._link_slot(domid)
         return (
             f"rsim-{self.tag}-{domid}",
             f"vif{self.tag}.{domid}"[:15],
@@ -379,11 +417,12 @@ class SimHypervisor(Hypervisor):
             slot = (first + k) % LINKS_PER_HOST
             (domain_path(self.host, domid) / "link").write_text(str(slot))
             host_ip = self._netns(domid)[2]
-            held = subprocess.run(
-                ["ip", "-o", "-4", "addr", "show", "to", f"{host_ip}/30"],
-                capture_output=True,
-                text=True,
-            ).stdout.split()
+            show = ["-o", "-4", "addr", "show", "to", f"{host_ip}/30"]
+            held = []
+            # ours (in the host's namespace) and any other host's in the one we run in
+            for ns in dict.fromkeys([self.netns, None]):
+                r = subprocess.run(_ip(ns, *show), capture_output=True, text=True)
+                held += r.stdout.split()
             if not held:
                 return
         raise HypervisorError(
@@ -393,18 +432,24 @@ class SimHypervisor(Hypervisor):
 
     def _setup_vif(self, domid: int) -> str:
         self._teardown_vif(domid)
-        install_unreachable_route()
+        install_unreachable_route(self.netns)
         self._choose_link(domid)  # ours is gone now: any holder is another domain
         ns, vif, host_ip, guest_ip = self._netns(domid)
-        for cmd in (
+        h = self.netns  # the host's own namespace, where the vif lives (None: ours)
+        cmds = [
             ["ip", "netns", "add", ns],
-            ["ip", "link", "add", vif, "type", "veth", "peer", "name", "eth0", "netns", ns],
-            ["ip", "addr", "add", f"{host_ip}/30", "dev", vif],
-            ["ip", "link", "set", vif, "up"],
+            _ip(h, "link", "add", vif, "type", "veth", "peer", "name", "eth0", "netns", ns),
+            _ip(h, "addr", "add", f"{host_ip}/30", "dev", vif),
+            _ip(h, "link", "set", vif, "up"),
             ["ip", "-n", ns, "addr", "add", f"{guest_ip}/30", "dev", "eth0"],
             ["ip", "-n", ns, "link", "set", "eth0", "up"],
             ["ip", "-n", ns, "link", "set", "lo", "up"],
-        ):
+        ]
+        if h:
+            # a host of its own forwards its clients' traffic in: the guest answers
+            # whoever asks through its host, not only the host's own address
+            cmds.append(["ip", "-n", ns, "route", "add", "default", "via", host_ip])
+        for cmd in cmds:
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode:
                 raise HypervisorError(f"{' '.join(cmd)}: {r.stderr.strip()}")
@@ -413,7 +458,7 @@ class SimHypervisor(Hypervisor):
     def _teardown_vif(self, domid: int) -> None:
         ns, vif, _, _ = self._netns(domid)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        subprocess.run(["ip", "link", "del", vif], capture_output=True)
+        subprocess.run(_ip(self.netns, "link", "del", vif), capture_output=True)
 
     def _start_guest(self, dom: SimDomain, dirty_rate: int) -> None:
         cmd = [sys.executable, "-m", "orchestrator.guest.simguest", str(dom.path)]
@@ -483,12 +528,31 @@ class SimHypervisor(Hypervisor):
         st = dom.read_state()
         if st.state is RunState.RUNNING:
             dom.write_state(DomainState(RunState.PAUSED))
+        self._guest_link(domid, up=False)
 
     def unpause(self, domid: int) -> None:
         dom = self._domain(domid)
         self._signal(dom, signal.SIGCONT)
         if dom.read_state().state is RunState.PAUSED:
             dom.write_state(DomainState(RunState.RUNNING))
+        self._guest_link(domid, up=True)
+
+    def _guest_link(self, domid: int, up: bool) -> None:
+        """A paused domain is silent, as a Xen domain whose vCPUs, and so its network
+        stack, stand still. The simulated guest's TCP lives in this kernel, not in the
+        stopped process: without this it goes on retransmitting, past an output
+        buffer that has just dropped what it held (a fenced primary's replies that no
+        checkpoint covers would reach their clients)."""
+        if not self.use_netns:
+            return
+        ns, _, host_ip, _ = self._netns(domid)
+        cmds = [["ip", "-n", ns, "link", "set", "eth0", "up" if up else "down"]]
+        if up and self.netns:  # the default route went down with the link
+            cmds.append(["ip", "-n", ns, "route", "replace", "default", "via", host_ip])
+        for cmd in cmds:
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode:
+                raise HypervisorError(f"{' '.join(cmd)}: {r.stderr.strip()}")
 
     def destroy(self, domid: int) -> None:
         dom = self._domain(domid)
@@ -503,7 +567,7 @@ class SimHypervisor(Hypervisor):
                 time.sleep(0.01)
         if self.use_netns:
             self._teardown_vif(domid)
-            drop_vif_rules(self._netns(domid)[1])
+            drop_vif_rules(self._netns(domid)[1], self.netns)
         dom.close()
         self._doms.pop(domid, None)
         shutil.rmtree(dom.path, ignore_errors=True)
