@@ -110,7 +110,7 @@ class ColoNetPrimary:
         self.stale_reports = 0
         self.dropped_after_mark = 0
         self.dropped_early_reports = 0
-        self._queue = PacketQueue(["INPUT", "-i", vif], _queue_number(vif, 2000), self._on_output)
+        self._queue = PacketQueue(vif, _queue_number(vif, 2000), self._on_output)
         self._tap: socket.socket | None = None
         self._marked = False  # suspended for a checkpoint that is not done yet
         self._after_mark: deque[tuple[Any, bytes]] = deque()
@@ -297,7 +297,7 @@ class ColoNetSecondary:
         self.rewriter = Rewriter(socket.inet_aton(guest_ip), socket.inet_aton(host_ip))
         self.epoch = 0  # the last checkpoint loaded into our copy
         self.inject_errors = 0
-        self._queue = PacketQueue(["INPUT", "-i", vif], _queue_number(vif, 3000), self._on_output)
+        self._queue = PacketQueue(vif, _queue_number(vif, 3000), self._on_output)
         self._raw: socket.socket | None = None
         self.filtering = False
         self._syncs: dict[int, NetSync] = {}

@@ -17,7 +17,7 @@ import shutil
 import subprocess
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from .base import CheckpointDevice
 
@@ -41,31 +41,50 @@ def remove_stale_rules(vif: str) -> None:
     """Drop NFQUEUE rules left for ``vif`` by a primary that was killed."""
     if shutil.which("iptables") is None:
         return
-    listing = subprocess.run(["iptables", "-w", "-S", "INPUT"], capture_output=True, text=True)
+    listing = subprocess.run(["iptables", "-w", "-S"], capture_output=True, text=True)
     for line in listing.stdout.splitlines():
         words = line.split()
         if words[:1] == ["-A"] and f"{vif}" in words and "NFQUEUE" in words:
             subprocess.run(["iptables", "-w", "-D", *words[1:]], capture_output=True)
 
 
-class PacketQueue:
-    """An NFQUEUE bound in this process and the iptables rule that feeds it.
+# Where a guest's output goes: to this host's own sockets (INPUT), or on through
+# it to a client elsewhere (FORWARD: a routed guest network, as the simulated
+# hosts of the partition tests have). Output held in one and not the other
+# would reach routed clients before its checkpoint.
+OUTPUT_CHAINS: Final = ("INPUT", "FORWARD")
 
-    ``chain_match`` is the rule without its target, e.g. ``["INPUT", "-i", vif]``.
+
+class PacketQueue:
+    """An NFQUEUE bound in this process and the iptables rules that feed it every
+    packet ``vif`` sends (in each of :data:`OUTPUT_CHAINS`).
+
     Each packet goes to ``on_packet`` on the event loop; its verdict is the
     caller's (``accept()``/``drop()``), whenever it likes.
     """
 
-    def __init__(
-        self, chain_match: list[str], queue_num: int, on_packet: Callable[[Any], None]
-    ) -> None:
+    def __init__(self, vif: str, queue_num: int, on_packet: Callable[[Any], None]) -> None:
         self.queue_num = queue_num
         self._on_packet = on_packet
         self._nfq: Any = None
-        self._rule = [*chain_match, "-j", "NFQUEUE", "--queue-num", str(queue_num)]
+        self._vif = vif
+
+    def _rules(self) -> list[list[str]]:
+        target = ["-j", "NFQUEUE", "--queue-num", str(self.queue_num)]
+        return [[chain, "-i", self._vif, *target] for chain in OUTPUT_CHAINS]
 
     def _iptables(self, op: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["iptables", "-w", op, *self._rule], capture_output=True, text=True)
+        """``op`` on every rule; the first failure is the answer (an insert that
+        failed half way is undone)."""
+        done: list[list[str]] = []
+        for rule in self._rules():
+            r = subprocess.run(["iptables", "-w", op, *rule], capture_output=True, text=True)
+            if r.returncode and op == "-I":
+                for d in done:
+                    subprocess.run(["iptables", "-w", "-D", *d], capture_output=True)
+                return r
+            done.append(rule)
+        return subprocess.CompletedProcess([], 0, "", "")
 
     def drain(self) -> None:
         """Take what the kernel has queued now (e.g. just after the guest stopped)."""
@@ -89,7 +108,6 @@ class PacketQueue:
                 if attempt == 255:
                     raise NetbufUnavailable("no free NFQUEUE number") from None
                 self.queue_num = (self.queue_num + 1) % 65536
-        self._rule[-1] = str(self.queue_num)
         # iptables takes its time on a busy host: not on the event loop, where it
         # would hold up the heartbeats the peer's failover watchdog counts on
         r = await asyncio.to_thread(self._iptables, "-I")
@@ -122,7 +140,7 @@ class NfqueueNetbuf(CheckpointDevice):
         self.held: deque[tuple[int, Any]] = deque()
         self.released = 0
         self.max_held = 0
-        self._queue = PacketQueue(["INPUT", "-i", vif], queue_num, self._on_packet)
+        self._queue = PacketQueue(vif, queue_num, self._on_packet)
 
     @property
     def queue_num(self) -> int:

@@ -417,13 +417,14 @@ class ColoSecondary(RemusSecondary):
         return self.hv.lookup(self.target.domid)
 
     async def _drop(self) -> None:
+        # a copy that may not take over (no lease) goes first: its output would
+        # flow the moment the filter below is gone
+        if self.target is not None and (not self.running or self.link.unprotected or self.refused):
+            with contextlib.suppress(HypervisorError):
+                self.hv.destroy(self.target.domid)
         if self.net is not None:
             with contextlib.suppress(Exception):
                 await self.net.teardown()
-        # a copy that may not take over (no lease) must go: its output flows once
-        # the filter above is gone
-        if self.target is not None and (not self.running or self.link.unprotected or self.refused):
-            self.hv.destroy(self.target.domid)
 
     def _net_figures(self) -> None:
         if self.net is not None:

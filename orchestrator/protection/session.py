@@ -43,7 +43,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from ..coordination import LeaseKeeper, WitnessError
-from ..hypervisors.base import DomainInfo, Hypervisor
+from ..hypervisors.base import DomainInfo, Hypervisor, HypervisorError
 from ..savehelper import Callbacks, HelperFailed, HelperSession, Mode, SaveArgs, StreamType
 from ..streams import libxl
 from ..transport.control import (
@@ -411,29 +411,36 @@ class Primary(abc.ABC):
 
         Fenced: our guest stays paused until the witness can say what happened
         (we wait as long as it takes; SIGTERM leaves the guest paused for an
-        administrator). If another member took over (its mark is on the
-        witness), our copy is destroyed. If nobody did and we can take the
-        lease back, nobody can start another copy: ours resumes, unprotected.
-        Not fenced and not ended on purpose: the secondary may only now have
-        lost us and be trying to take the lease, so we hold it through its
-        takeover window, fencing if we cannot, and only then let go.
+        administrator). If another host took over (its mark is on the witness),
+        our copy is destroyed. If nobody did and we can take the lease back,
+        nobody can start another copy: ours resumes, unprotected.
+
+        Not fenced, our guest runs on: before the lease goes (with this process),
+        we mark on the witness that it runs here. A secondary that lost us later
+        than we lost it (a link cut one way) may take the free lease, but finds
+        the mark and drops its copy instead of starting a second one. If the mark
+        cannot be made, we fence: a copy that runs on must be on the record.
         """
         assert self.lease is not None
         if self.fenced:
             await self._decide_fenced()
             if self.fenced:
                 return
-        if self._stopping:  # unprotect: the secondary was told to drop its copy
-            return
-        deadline = time.monotonic() + self.spec.takeover_window_s
-        while time.monotonic() < deadline:
+        while not self.fenced:
             if self.lease.must_fence(self.spec.lease_fence_margin_s):
-                await self.fence_self(
-                    f"lease {self.lease.state.value} while the secondary may take it"
-                )
-                await self._after_lease()
+                await self.fence_self(f"lease {self.lease.state.value} as replication ended")
+                break
+            try:
+                await self._mark_running_here()
                 return
+            except WitnessError as exc:
+                self.figures.fail(f"could not mark on the witness that the guest runs here: {exc}")
             await asyncio.sleep(0.05)
+        await self._after_lease()
+
+    async def _mark_running_here(self) -> None:
+        assert self.lease is not None
+        await self.lease.witness.mark_taken_over(self.lease.name, host_identity(self.hv))
 
     async def _decide_fenced(self) -> None:
         assert self.lease is not None
@@ -454,11 +461,8 @@ class Primary(abc.ABC):
                 # held by nobody else now: with it, no copy can start elsewhere, and
                 # the mark (made before any takeover runs a guest) says none did
                 if await self.lease.acquire(self.spec.lease_ttl_s) and not await taken_elsewhere():
-                    self.hv.unpause(self.domain.domid)
-                    if self._suspended:  # fenced mid-checkpoint
-                        await self.hv.resume(self.domain.domid)
-                        self._suspended = False
-                    self.fenced = False
+                    await self._mark_running_here()  # before it runs: see _after_lease
+                    await self._unfence()
                     self.figures.reason += (
                         "; nobody took over and the lease is ours again: the guest runs on "
                         "here, unprotected"
@@ -470,6 +474,16 @@ class Primary(abc.ABC):
                     waiting = True
             await asyncio.sleep(0.25)
         self.figures.reason += "; stopped while fenced: the guest stays paused here"
+
+    async def _unfence(self) -> None:
+        self.hv.unpause(self.domain.domid)
+        if self._suspended:  # fenced mid-checkpoint
+            # the flag can be stale (fenced between the resume and its bookkeeping):
+            # a guest that runs already is what we want
+            with contextlib.suppress(HypervisorError):
+                await self.hv.resume(self.domain.domid)
+            self._suspended = False
+        self.fenced = False
 
     def _final_state(self) -> State:
         if self.fenced:
@@ -715,12 +729,17 @@ class Secondary(abc.ABC):
         assert self.lease is not None
         window = self.spec.takeover_window_s
         deadline = time.monotonic() + window
+        me = host_identity(self.hv)
         if await self.lease.acquire(window):
             while True:  # a loaded witness may miss one call's bound: try while we hold it
                 try:
-                    await self.lease.witness.mark_taken_over(
-                        self.lease.name, host_identity(self.hv)
-                    )
+                    # a primary that ran on marked it before it let the lease go
+                    elsewhere = [h for h in await self.lease.witness.taken_over(self.lease.name)
+                                 if h != me]  # fmt: skip
+                    if elsewhere:
+                        why = f"the guest runs on host {elsewhere[0]} (its mark on the witness)"
+                        break
+                    await self.lease.witness.mark_taken_over(self.lease.name, me)
                     return
                 except WitnessError as exc:
                     if not self.lease.held() or time.monotonic() > deadline:

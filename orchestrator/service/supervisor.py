@@ -175,6 +175,7 @@ class _Marks(Protocol):
     """What a rescue asks of a witness beyond the lease: who took the guest over."""
 
     async def taken_over(self, name: str) -> list[str]: ...
+    async def mark_taken_over(self, name: str, by: str) -> None: ...
 
 
 class _Lease(Protocol):
@@ -842,6 +843,14 @@ class Supervisor:
                 continue
             if not rescue.replicated:  # no secondary can hold a checkpoint of that worker
                 return True
+            try:
+                # on the record before it runs: a secondary that takes the lease after
+                # us finds the mark and drops its copy (as a worker's primary does)
+                await keeper.witness.mark_taken_over(keeper.name, me)
+            except Exception as exc:  # WitnessError
+                self._waiting(name, rescue, why, f"marking that it runs here: {exc}")
+                await asyncio.sleep(RESCUE_RETRY_S)
+                continue
             # ours: the fence guard's hold (Xen) may go, and the guest resumes
             marker_path(self.status_dir, name).unlink(missing_ok=True)
             self._rescue_domain(name)

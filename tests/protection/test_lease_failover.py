@@ -235,7 +235,10 @@ def test_a_forced_failover_while_the_primary_holds_the_lease_drops_the_secondary
         recv.send_signal(signal.SIGUSR1)  # what `remusctl failover --force` sends
         out, _ = recv.communicate(timeout=30)
         assert recv.returncode == 0 and "FAILOVER" not in out, out
-        assert "still holds the lease" in out, out
+        # the primary either still holds the lease, or has let it go with its mark
+        # on the witness that the guest runs there
+        assert "our copy is dropped" in out, out
+        assert "still holds the lease" in out or "its mark on the witness" in out, out
         assert [d for d in b.list_domains() if d.name == "web"] == []
         prot.communicate(timeout=30)
         assert a.lookup(info.domid).state == "running"
