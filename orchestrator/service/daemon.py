@@ -36,7 +36,7 @@ from . import config as configmod
 from .http import BODY, QUERY, ApiError, ApiServer, Route, event_stream, json_response
 from .metrics import CONTENT_TYPE, Metrics, Seen
 from .registry import NotFound, ProtectionRecord, Registry
-from .supervisor import ProtectError, Supervisor
+from .supervisor import ProtectError, Supervisor, refusal_code
 
 log = logging.getLogger("remusd")
 
@@ -58,6 +58,22 @@ CODES: Final = {
 # POST /v1/protections: derived from the spec's table, so the API's names, bounds
 # and defaults are the CLI's and the worker's
 PROTECT_SCHEMA: Final = api_schema()
+PREFLIGHT_SCHEMA: Final = {
+    "type": "object",
+    "properties": {
+        "protectable": {"type": "boolean"},
+        "code": {"type": ["string", "null"], "description": "what POST /v1/protections answers"},
+        "reasons": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"check": {"type": "string"}, "message": {"type": "string"}},
+                "required": ["check", "message"],
+            },
+        },
+    },
+    "required": ["protectable", "code", "reasons"],
+}
 
 
 def _figure(description: str, kind: str = "integer") -> dict[str, Any]:
@@ -327,11 +343,30 @@ class Service:
     async def h_get(self, req: web.Request) -> web.Response:
         return json_response(self._protection(req.match_info["name"]))
 
-    async def h_protect(self, req: web.Request) -> web.Response:
+    async def h_preflight(self, req: web.Request) -> web.Response:
+        """What `POST /v1/protections` would find with this body, doing nothing: the
+        same checks in the same order, answered as a result rather than an error."""
+
+        def verdict(code: str | None, reasons: list[dict[str, str]]) -> web.Response:
+            return json_response({"protectable": not reasons, "code": code, "reasons": reasons})
+
+        try:
+            spec = self._spec_of(req)
+        except ApiError as exc:  # a setting the spec refuses (its reasons are in details)
+            return verdict(exc.code, list((exc.details or {}).get("reasons", [])))
+        with contextlib.suppress(NotFound):
+            rec = self.registry.get(spec.name)
+            message = f"{spec.name} is already registered here as {rec.role} ({rec.desired})"
+            reason = {"check": "already_protected", "message": message}
+            return verdict("ALREADY_PROTECTED", [reason])
+        reasons = await self.supervisor.check(spec)
+        return verdict(refusal_code(reasons) if reasons else None, reasons)
+
+    def _spec_of(self, req: web.Request) -> ProtectionSpec:
         # the schema has checked types and bounds; the spec checks them again, as it does
         # for every form (the peer's address is the pre-flight's, with the other checks)
         try:
-            spec = ProtectionSpec.from_api(req[BODY], self.cfg.spec_defaults())
+            return ProtectionSpec.from_api(req[BODY], self.cfg.spec_defaults())
         except SpecError as exc:
             # 422 as for a failed pre-flight: the body is well-formed, the request is not
             # one this host can carry out; the field is named as a schema error names it
@@ -342,6 +377,9 @@ class Service:
                 "reasons": [{"check": "settings", "message": str(exc)}],
             }
             raise ApiError(422, "NOT_PROTECTABLE", str(exc), details) from None
+
+    async def h_protect(self, req: web.Request) -> web.Response:
+        spec = self._spec_of(req)
         with contextlib.suppress(NotFound):
             rec = self.registry.get(spec.name)
             raise ApiError(
@@ -457,6 +495,15 @@ class Service:
                     (502, "PEER_UNREACHABLE"),
                     (422, "NOT_PROTECTABLE"),
                 ],
+            ),
+            Route(
+                "POST",
+                "/v1/preflight",
+                self.h_preflight,
+                summary="Whether POST /v1/protections with this body would protect, and the "
+                "typed reasons why not (nothing is registered or started)",
+                request_schema=PROTECT_SCHEMA,
+                response_schema=PREFLIGHT_SCHEMA,
             ),
             Route(
                 "GET",

@@ -167,6 +167,14 @@ def _guard_alive(name: str, status_dir: Path) -> bool:
     return False
 
 
+def refusal_code(reasons: list[dict[str, str]]) -> str:
+    """The error code of a protect refused for these reasons."""
+    if reasons[0]["check"] == "domain_exists":
+        return "DOMAIN_NOT_FOUND"
+    unreachable = [r for r in reasons if r["check"] == "peer_reachable"]
+    return "PEER_UNREACHABLE" if unreachable == reasons else "NOT_PROTECTABLE"
+
+
 def _reasons(reasons: list[Any]) -> list[dict[str, str]]:
     return [r.to_dict() for r in reasons]
 
@@ -345,6 +353,10 @@ class Supervisor:
 
     # -- requests ------------------------------------------------------------------
 
+    async def check(self, spec: ProtectionSpec) -> list[dict[str, str]]:
+        """The pre-flight of a protection, as `protect` runs it, acting on nothing."""
+        return _reasons(await preflight(self.hv, spec))
+
     async def protect(self, spec: ProtectionSpec) -> None:
         if spec.name in self.workers and self.workers[spec.name].alive():
             raise ProtectError("ALREADY_PROTECTED", f"{spec.name} is already protected")
@@ -354,12 +366,9 @@ class Supervisor:
                 f"remusd holds {spec.name}'s lease until its old secondary has dropped its "
                 "copy: protect it again then",
             )
-        reasons = _reasons(await preflight(self.hv, spec))
+        reasons = await self.check(spec)
         if reasons:
-            unreachable = [r for r in reasons if r["check"] == "peer_reachable"]
-            if reasons[0]["check"] == "domain_exists":
-                raise ProtectError("DOMAIN_NOT_FOUND", reasons[0]["message"], reasons)
-            code = "PEER_UNREACHABLE" if unreachable == reasons else "NOT_PROTECTABLE"
+            code = refusal_code(reasons)
             raise ProtectError(code, "; ".join(r["message"] for r in reasons), reasons)
         self.registry.add_protection(
             name=spec.name, role="primary", peer=spec.peer, mode=spec.mode.value, spec=spec

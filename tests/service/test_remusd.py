@@ -573,3 +573,29 @@ def test_events_stream_and_tcp_with_a_token(tmp_path: Path) -> None:
             assert "remus_checkpoints_total" in str(c.request("GET", "/metrics"))
     finally:
         d.stop()
+
+
+def test_preflight_answers_what_protect_would_and_changes_nothing(
+    two: tuple[Remusd, Remusd],
+) -> None:
+    """`POST /v1/preflight` (what the Ansible preflight module asks): the checks of
+    `POST /v1/protections`, in its order and with its codes, and nothing registered."""
+    a, b = two
+    peer = f"127.0.0.1:{b.port}"
+    with a.api() as c:
+        r = c.post("/v1/preflight", {"name": "nosuch", "peer": peer})
+        assert r["protectable"] is False and r["code"] == "DOMAIN_NOT_FOUND", r
+        assert r["reasons"][0]["check"] == "domain_exists", r
+        a.hv.create_domain("vm1", memory_mib=16)
+        assert c.post("/v1/preflight", {"name": "vm1", "peer": peer}) == {
+            "protectable": True,
+            "code": None,
+            "reasons": [],
+        }
+        r = c.post("/v1/preflight", {"name": "vm1", "peer": peer, "no_disk": True})
+        assert r["protectable"] is False and r["code"] == "NOT_PROTECTABLE", r
+        assert [x["check"] for x in r["reasons"]] == ["unsafe"], r
+        r = c.post("/v1/preflight", {"name": "vm1", "peer": peer, "witness": "zk://x:1"})
+        assert r["reasons"][0]["check"] == "settings" and "witness" in r["reasons"][0]["message"]
+        assert c.get("/v1/protections") == []
+        assert not any(e["kind"] == "protected" for e in c.get("/v1/events?limit=100"))
