@@ -582,6 +582,7 @@ class _Site(web.BaseSite):
 # --------------------------------------------------------------------------
 # OpenAPI
 
+
 def _error_schema(codes: Iterable[str]) -> dict[str, Any]:
     error = {"type": "object", "required": ["code", "message", "details"], "properties": {
         "code": {"type": "string", "enum": list(codes)}, "message": {"type": "string"},
