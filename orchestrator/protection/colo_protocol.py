@@ -39,6 +39,7 @@ for a message that will never come.
 
 from __future__ import annotations
 
+import abc
 import enum
 from dataclasses import dataclass, field
 from typing import Final
@@ -225,7 +226,7 @@ class ColoCounters:
     dirty_pfns_from_secondary: int = 0
 
 
-class _Exchange:
+class _Exchange(abc.ABC):
     """What both sides share: the table lookup, and failing for good."""
 
     side = ""
@@ -255,8 +256,9 @@ class _Exchange:
         self.phase = nxt
         return actions
 
+    @abc.abstractmethod
     def _actions(self, event: Event) -> list[Action]:
-        raise NotImplementedError
+        """What this side does on ``event`` (already allowed by the table)."""
 
 
 class PrimaryExchange(_Exchange):

@@ -49,11 +49,11 @@ def test_the_remusd_role_renders_a_configuration_remusd_accepts_and_the_packaged
     path = ansible.base / "render.yml"
     path.write_text(json.dumps([play]))
     witness = f"file://{tmp_path}/witness"
-    extra = {"remus_witness_url": witness, "remus_replication_address": "10.77.0.11"}
+    extra = {"remus_witness_url": witness, "remus_replication_address": "127.0.0.11"}
     r = ansible.playbook(str(path), "-e", json.dumps(extra))
     assert r.rc == 0, r.output
     cfg = remusd_config.load(out / "remusd.toml")  # remusd's own loader: strict, names keys
-    assert cfg.replication.listen == "10.77.0.11:8002"
+    assert cfg.replication.listen == "127.0.0.11:8002"
     assert cfg.api.socket == "/run/remus/remusd.sock"
     assert (cfg.witness.url, cfg.witness.lease_ttl_ms) == (witness, 3000)
     assert (cfg.replication.interval_ms, cfg.replication.heartbeat_timeout_ms) == (200, 300)
