@@ -272,7 +272,9 @@ def parse_cmdline(cmdline: str) -> dict[str, str]:
     return out
 
 
-async def run(domdir: Path, listen: str, dirty_rate: int, cmdline: str = "") -> None:
+async def run(
+    domdir: Path, listen: str, dirty_rate: int, cmdline: str = "", paused: bool = False
+) -> None:
     dom = Machine(domdir)
     options = parse_cmdline(cmdline)
     guest = Guest(dom, dirty_rate, int(options.get("nondeterministic", "0")))
@@ -286,7 +288,15 @@ async def run(domdir: Path, listen: str, dirty_rate: int, cmdline: str = "") -> 
     evt = await asyncio.start_unix_server(guest.evtchn, EVTCHN)
     bound = server.sockets[0].getsockname()
     (domdir / "address").write_text(f"{bound[0]}:{bound[1]}\n")
-    dom.write_state(DomainState(RunState.RUNNING))
+    if paused:
+        # built but not to run yet (a secondary waiting for the lease): stop before
+        # the event loop can serve anybody; the host's unpause sends SIGCONT and
+        # marks us running. Synchronous from the address to the stop, so no client
+        # is answered in between.
+        dom.write_state(DomainState(RunState.PAUSED))
+        os.kill(os.getpid(), signal.SIGSTOP)
+    else:
+        dom.write_state(DomainState(RunState.RUNNING))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -304,8 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--listen", default="127.0.0.1:0")
     ap.add_argument("--dirty-rate", type=int, default=0, help="scratch pages dirtied per second")
     ap.add_argument("--cmdline", default="", help="the guest's kernel command line")
+    ap.add_argument("--paused", action="store_true", help="stop once ready, until SIGCONT")
     args = ap.parse_args(argv)
-    asyncio.run(run(args.domain_dir, args.listen, args.dirty_rate, args.cmdline))
+    asyncio.run(run(args.domain_dir, args.listen, args.dirty_rate, args.cmdline, args.paused))
     return 0
 
 

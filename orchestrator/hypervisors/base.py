@@ -153,8 +153,14 @@ class Hypervisor(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def finish_restore(self, domid: int) -> DomainInfo:
-        """Start the restored domain from the last checkpoint applied to it."""
+    async def finish_restore(self, domid: int, paused: bool = False) -> DomainInfo:
+        """Start the restored domain from the last checkpoint applied to it.
+
+        ``paused``: build it but leave it paused (silent on the network), for an
+        ``unpause`` once it may run: a secondary builds its copy while it waits
+        for the lease, so that taking the lease is all that stands between the
+        primary's expiry and a guest that answers.
+        """
 
     @abc.abstractmethod
     def helper_env(self) -> dict[str, str]:

@@ -361,10 +361,10 @@ class SimHypervisor(Hypervisor):
         """The domain's handle, a BlockDevice for disk replication (image and dirty map)."""
         return self._domain(domid)
 
-    async def finish_restore(self, domid: int) -> DomainInfo:
+    async def finish_restore(self, domid: int, paused: bool = False) -> DomainInfo:
         dom = self._domain(domid)
         (dom.path / "address").unlink(missing_ok=True)
-        await asyncio.to_thread(self._start_guest, dom, 0)
+        await asyncio.to_thread(self._start_guest, dom, 0, paused)
         return self._info(dom)
 
     def host_subnet(self) -> ipaddress.IPv4Network:
@@ -460,14 +460,18 @@ class SimHypervisor(Hypervisor):
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         subprocess.run(_ip(self.netns, "link", "del", vif), capture_output=True)
 
-    def _start_guest(self, dom: SimDomain, dirty_rate: int) -> None:
+    def _start_guest(self, dom: SimDomain, dirty_rate: int, paused: bool = False) -> None:
         cmd = [sys.executable, "-m", "orchestrator.guest.simguest", str(dom.path)]
         if dirty_rate:
             cmd += ["--dirty-rate", str(dirty_rate)]
         if dom.config.cmdline:
             cmd += ["--cmdline", dom.config.cmdline]
+        if paused:
+            cmd.append("--paused")
         if self.use_netns:
             ns = self._setup_vif(dom.domid)
+            if paused:  # silent until unpaused, as pause() leaves a domain
+                self._guest_link(dom.domid, up=False)
             cmd = [
                 "ip",
                 "netns",
@@ -492,7 +496,12 @@ class SimHypervisor(Hypervisor):
             if proc.poll() is not None:
                 tail = (dom.path / "guest.log").read_text(errors="replace")[-400:]
                 raise HypervisorError(f"guest of domain {dom.domid} exited at start: {tail}")
-            if (dom.path / "address").exists() and dom.read_state().state is RunState.RUNNING:
+            ready = RunState.PAUSED if paused else RunState.RUNNING
+            if (
+                (dom.path / "address").exists()
+                and dom.read_state().state is ready
+                and (not paused or _stopped(proc.pid))
+            ):
                 return
             time.sleep(0.02)
         proc.kill()
@@ -647,6 +656,15 @@ class SimHypervisor(Hypervisor):
         """One directory per machine: every simulated host here shares it, whatever
         their own directories (tooz's file driver: an fcntl lock per protection)."""
         return f"file://{default_witness_dir()}"
+
+
+def _stopped(pid: int) -> bool:
+    """The process is stopped by a signal (its state in /proc is T)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] == "T"
 
 
 def default_witness_dir() -> Path:

@@ -285,7 +285,7 @@ class XenHypervisor(Hypervisor):
             "(orchestrator/protection/xen_receiver.py), not into a domain we build"
         )
 
-    async def finish_restore(self, domid: int) -> DomainInfo:
+    async def finish_restore(self, domid: int, paused: bool = False) -> DomainInfo:
         raise HypervisorError("on Xen, xl migrate-receive finishes the restore itself")
 
     def helper_env(self) -> dict[str, str]:

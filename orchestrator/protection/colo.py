@@ -404,6 +404,11 @@ class ColoSecondary(RemusSecondary):
         if not self.running and not result.ok:
             self.figures.fail(f"restore helper retval {result.retval}")
 
+    async def _stage(self) -> None:
+        # our copy runs already, and all the takeover has left to do lets its
+        # output out: none of it before the lease is ours
+        return None
+
     async def _take_over(self) -> DomainInfo:
         assert self.target is not None
         # failover: our copy already runs; if it was suspended mid-checkpoint it

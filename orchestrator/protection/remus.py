@@ -199,6 +199,7 @@ class RemusSecondary(Secondary):
         self._make_replica = disk_replica
         self.replica: DiskReplica | None = None
         self.reader = CheckpointReader()
+        self._staged: DomainInfo | None = None  # built paused, waiting for the lease
 
     def capabilities(self) -> tuple[str, ...]:
         return ("ack",)
@@ -238,13 +239,23 @@ class RemusSecondary(Secondary):
         if not result.ok and self.reader.complete:
             raise ReplicationError(f"restore helper failed: retval {result.retval}")
 
+    async def _stage(self) -> None:
+        # the guest built from the last checkpoint, paused, while the lease is awaited
+        self._staged = await self._build(paused=True)
+
     async def _take_over(self) -> DomainInfo:
+        if self._staged is None:
+            return await self._build(paused=False)
+        self.hv.unpause(self._staged.domid)
+        return self.hv.lookup(self._staged.domid)
+
+    async def _build(self, paused: bool) -> DomainInfo:
         assert self.target is not None
         if self.replica is not None:
             dropped = self.replica.discard()
             if dropped:
                 log.info("failover: %d disk blocks of an incomplete checkpoint dropped", dropped)
-        return await self.hv.finish_restore(self.target.domid)
+        return await self.hv.finish_restore(self.target.domid, paused=paused)
 
     # -- the stream's libxl records, read between the helper's own reads --------------
 

@@ -719,6 +719,12 @@ class Secondary(abc.ABC):
     async def _take_over(self) -> DomainInfo:
         """Failover: start the guest here from the last complete checkpoint."""
 
+    async def _stage(self) -> None:
+        """While the lease is awaited: whatever of the takeover can be done before
+        the guest may run (nothing, unless the mode says otherwise). The wait is
+        up to a TTL, and what is done in it is off the failover's critical path."""
+        return None
+
     async def _take_lease(self) -> None:
         """Only the lease holder runs the guest: take it, or drop our copy. The primary
         holds it until it has stopped renewing for a TTL, so this waits that long at
@@ -804,7 +810,14 @@ class Secondary(abc.ABC):
                     + (f" ({self.figures.reason})" if self.figures.reason else "")
                 )
             if self.lease is not None:
-                await self._take_lease()
+                staging = asyncio.create_task(self._stage())
+                try:
+                    await self._take_lease()
+                finally:
+                    # never drop (or run) a copy whose build is still going on
+                    staged = await asyncio.gather(staging, return_exceptions=True)
+                if isinstance(staged[0], BaseException):
+                    raise staged[0]
             self.figures.state = State.FAILING_OVER
             info = await self._take_over()
             self.figures.state = State.FAILED_OVER  # only once the guest runs here

@@ -247,3 +247,38 @@ def test_a_forced_failover_while_the_primary_holds_the_lease_drops_the_secondary
         assert st["state"] == "unprotected" and st["lease"] != "lost", st
     finally:
         _kill(prot, recv)
+
+
+def test_the_copy_built_while_the_lease_is_awaited_stays_paused_and_silent(
+    hosts: tuple[SimHypervisor, SimHypervisor], etcd: EtcdServer
+) -> None:
+    """A Remus secondary that lost its primary builds its copy from the last checkpoint
+    while it waits for the lease (so that, once the lease is its, the guest only has to
+    be unpaused). Until then that copy must not answer anybody; here the primary is
+    alive and keeps the lease, so the copy is built, never runs, and is dropped."""
+    a, b = hosts
+    info = a.create_domain("web", memory_mib=8)
+    recv, prot, service = _start(a, b, "web", etcd.url)
+    states: set[tuple[str, bool]] = set()  # (state, has a guest that listens)
+    answered = 0
+    try:
+        recv.send_signal(signal.SIGUSR1)  # lost the primary, as far as B knows
+        while recv.poll() is None:
+            try:
+                d = b.lookup("web")
+            except Exception:  # not built yet, or already dropped
+                time.sleep(0.005)
+                continue
+            states.add((d.state, bool(d.address)))
+            if d.address and _answers(d.address):
+                answered += 1
+        out = recv.communicate(timeout=30)[0]
+        assert "our copy is dropped" in out, out
+        # an empty restore target is paused too: built means its guest listens
+        assert ("paused", True) in states, f"the copy was never seen built and paused: {states}"
+        assert not [s for s in states if s[0] == "running"], states
+        assert answered == 0, f"the copy waiting for the lease answered {answered} probes"
+        assert [d for d in b.list_domains() if d.name == "web"] == []
+        assert a.lookup(info.domid).state == "running" and _answers(service)
+    finally:
+        _kill(prot, recv)
