@@ -348,6 +348,9 @@ class SimHypervisor(Hypervisor):
     def state_dir(self) -> Path:
         return self.host / "remus"
 
+    def tls_dir(self) -> Path:
+        return self.host / "tls"
+
     def memory_path(self, domid: int) -> Path:
         """The domain's memory file."""
         return domain_path(self.host, domid) / "memory"
@@ -471,7 +474,7 @@ class SimHypervisor(Hypervisor):
         if self.use_netns:
             ns = self._setup_vif(dom.domid)
             if paused:  # silent until unpaused, as pause() leaves a domain
-                self._guest_link(dom.domid, up=False)
+                self._guest_link(dom.domid, up=False, vif=True)
             cmd = [
                 "ip",
                 "netns",
@@ -541,12 +544,13 @@ class SimHypervisor(Hypervisor):
 
     def unpause(self, domid: int) -> None:
         dom = self._domain(domid)
+        # on the network before it says it runs: whoever sees "running" may connect
+        self._guest_link(domid, up=True)
         self._signal(dom, signal.SIGCONT)
         if dom.read_state().state is RunState.PAUSED:
             dom.write_state(DomainState(RunState.RUNNING))
-        self._guest_link(domid, up=True)
 
-    def _guest_link(self, domid: int, up: bool) -> None:
+    def _guest_link(self, domid: int, up: bool, vif: bool = False) -> None:
         """A paused domain is silent, as a Xen domain whose vCPUs, and so its network
         stack, stand still. The simulated guest's TCP lives in this kernel, not in the
         stopped process: without this it goes on retransmitting, past an output
@@ -554,8 +558,18 @@ class SimHypervisor(Hypervisor):
         checkpoint covers would reach their clients)."""
         if not self.use_netns:
             return
-        ns, _, host_ip, _ = self._netns(domid)
+        ns, vif_name, host_ip, _ = self._netns(domid)
         cmds = [["ip", "-n", ns, "link", "set", "eth0", "up" if up else "down"]]
+        if vif or up:
+            # A copy built paused (a secondary waiting for the lease) is not on the
+            # network at all: its host end down too, so that the host's unreachable
+            # route answers a client's SYN at once instead of the veth swallowing
+            # it. Coming up, the kernel puts the /30's route back. The guest's end
+            # goes up first: a packet to a host end whose peer is down leaves an
+            # unanswered ARP behind, and everything after it waits for the next
+            # probe, a second later.
+            host_end = _ip(self.netns, "link", "set", vif_name, "up" if up else "down")
+            cmds.insert(len(cmds) if up else 0, host_end)
         if up and self.netns:  # the default route went down with the link
             cmds.append(["ip", "-n", ns, "route", "replace", "default", "via", host_ip])
         for cmd in cmds:
