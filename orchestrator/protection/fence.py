@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import contextlib
 import enum
+import fcntl
 import os
 import subprocess
 import sys
@@ -69,6 +70,27 @@ def decide(said: bytes, state: str, shutdown_reason: str) -> Action:
 
 def marker_path(status_dir: Path, name: str) -> Path:
     return status_dir / f"{name}.fenced"
+
+
+def _guard_lock(status_dir: Path, name: str) -> int:
+    return os.open(status_dir / f"{name}.guard", os.O_RDONLY | os.O_CREAT, 0o600)
+
+
+def guard_alive(status_dir: Path, name: str) -> bool:
+    """A guard for ``name`` still runs: it acts once the worker's pipe ends (pause,
+    destroy), and remusd's rescue must not race it. Each guard holds a shared lock
+    on ``NAME.guard`` for its life (the kernel drops it when the guard dies)."""
+    try:
+        fd = _guard_lock(status_dir, name)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 class FenceGuard:
@@ -122,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", required=True)
     p.add_argument("--status-dir", type=Path, required=True)
     args = p.parse_args(argv)
+    with contextlib.suppress(OSError):  # held until this process ends: guard_alive()
+        fcntl.flock(_guard_lock(args.status_dir, args.name), fcntl.LOCK_SH)
     # connect and look the domain up before waiting: once the pipe ends, the pause
     # must land well inside the secondary's heartbeat timeout, and starting a
     # hypervisor connection then took seconds under emulation

@@ -140,9 +140,6 @@ class ApiClient:
     def post(self, path: str, json: Any = None) -> Any:
         return self.request("POST", path, json)
 
-    def put(self, path: str, json: Any = None) -> Any:
-        return self.request("PUT", path, json)
-
     def delete(self, path: str) -> Any:
         return self.request("DELETE", path)
 

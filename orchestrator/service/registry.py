@@ -45,7 +45,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, Literal, cast, get_args
+from typing import Any, Final, Literal, get_args
 
 from ..protection.spec import ProtectionSpec, SpecError
 
@@ -219,32 +219,13 @@ def _spec(name: str, text: str) -> ProtectionSpec | None:
 
 
 def _protection(row: sqlite3.Row) -> ProtectionRecord:
-    return ProtectionRecord(
-        name=row["name"],
-        role=cast(Role, row["role"]),
-        peer=row["peer"],
-        mode=cast(Mode, row["mode"]),
-        spec=_spec(row["name"], row["spec"]),
-        desired=cast(Desired, row["desired"]),
-        last_state=row["last_state"],
-        reason=row["reason"],
-        checkpoints=row["checkpoints"],
-        created=row["created"],
-        updated=row["updated"],
-        generation=row["generation"],
-    )
+    # the columns are the record's fields; only the spec is read from its document
+    return ProtectionRecord(**{**dict(row), "spec": _spec(row["name"], row["spec"])})
 
 
 def _event(row: sqlite3.Row) -> EventRecord:
     data = row["data"]
-    return EventRecord(
-        id=row["id"],
-        ts=row["ts"],
-        name=row["name"],
-        kind=row["kind"],
-        message=row["message"],
-        data=None if data is None else json.loads(data),
-    )
+    return EventRecord(**{**dict(row), "data": None if data is None else json.loads(data)})
 
 
 class Registry:
@@ -456,17 +437,12 @@ class Registry:
         """Events with ``id > after_id``, oldest first; page on with the last one's id."""
         if limit < 0:
             raise ValueError("limit must not be negative")
-        if name is None:
-            rows = self._db.execute(
-                f"SELECT {_EVENT_COLUMNS} FROM events WHERE id > ? ORDER BY id LIMIT ?",
-                (after_id, limit),
-            ).fetchall()
-        else:
-            rows = self._db.execute(
-                f"SELECT {_EVENT_COLUMNS} FROM events WHERE name = ? AND id > ?"
-                " ORDER BY id LIMIT ?",
-                (name, after_id, limit),
-            ).fetchall()
+        # one query per case, so that a name's events come by its index
+        where, params = ("id > ?", ()) if name is None else ("name = ? AND id > ?", (name,))
+        rows = self._db.execute(
+            f"SELECT {_EVENT_COLUMNS} FROM events WHERE {where} ORDER BY id LIMIT ?",
+            (*params, after_id, limit),
+        ).fetchall()
         return [_event(r) for r in rows]
 
     def latest_event_id(self) -> int:
