@@ -185,7 +185,15 @@ def api_host_info(args: argparse.Namespace) -> int:
         f"save helper:  {helper['path'] or helper['error']} (version {helper['version']})",
         f"libvirt:      {json.dumps(h['libvirt'])}",
         "netbuf:       " + ", ".join(f"{k}: {v}" for k, v in h["netbuf"].items()),
-        f"replication:  {rep['listen']} (protocol {rep['protocol_version']})",
+        f"replication:  {rep['listen']} (protocol {rep['protocol_version']}, "
+        f"link {rep.get('link', '?')})",
+    ]
+    ident = h.get("identity") or {}
+    lines.append(f"identity:     {ident.get('fingerprint') or 'none (remusctl host init)'}")
+    lines += [
+        f"  trusts {p['name']}: {p['fingerprint']}"
+        + ("" if p["certificate"] else " (fingerprint only)")
+        for p in ident.get("trusted", [])
     ]
     _out(args, h, "\n".join(lines))
     return 0

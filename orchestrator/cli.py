@@ -15,7 +15,6 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Final
 
 from .apicmds import (
     add_client_options,
@@ -34,7 +33,8 @@ from .demo import main as demo_main
 from .hypervisors.base import Hypervisor, HypervisorError
 from .hypervisors.select import BACKENDS, open_hypervisor
 from .hypervisors.sim import SimHypervisor
-from .protection.host import check_peer
+from .protection.host import LinkError, check_peer, identity_facts, tls_identity
+from .protection.remote import RECEIVER_FIELDS, receive_command
 from .protection.runner import run_primary, run_secondary, run_secondary_stdio
 from .protection.session import ReplicationError, Unprotected
 from .protection.spec import FIELDS, NO_WITNESS, Mode, ProtectionSpec, SpecError, add_arguments
@@ -189,11 +189,14 @@ def cmd_protect(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-        if spec.blackhole or args.ssh is not None:
+        if spec.blackhole or args.ssh_command is not None:
             print("remusctl: -b and -s run in this process: add --foreground", file=sys.stderr)
             return 2
-        if not spec.peer:
-            print("remusctl: protect needs --to HOST[:PORT]", file=sys.stderr)
+        if not spec.peer and not spec.ssh:
+            print(
+                "remusctl: protect needs --to HOST[:PORT] or --ssh [USER@]HOST[:PORT]",
+                file=sys.stderr,
+            )
             return 2
         return run_api(api_protect, args)
     unsafe = spec.unsafe_flags()
@@ -205,21 +208,23 @@ def cmd_protect(args: argparse.Namespace) -> int:
         return 2
     hv = _hypervisor(args)
     _warn_unsafe(spec, hv)
-    if not spec.blackhole and not spec.peer:
-        print("remusctl: protect needs --to HOST[:PORT] (or -b -F)", file=sys.stderr)
+    if not spec.blackhole and not spec.peer and not spec.ssh:
+        print(
+            "remusctl: protect needs --to HOST[:PORT] or --ssh [USER@]HOST[:PORT] (or -b -F)",
+            file=sys.stderr,
+        )
+        return 2
+    if spec.ssh and args.ssh_command is not None:
+        print("remusctl: -s CMD and --ssh are two ways to the peer: give one", file=sys.stderr)
         return 2
     command = None
-    if args.ssh is not None and not spec.blackhole:
-        # as xl: "CMD HOST remusctl receive --stdio", or with an empty CMD, HOST alone
-        receive = "remusctl receive --stdio" + (" -e" if args.e else "")
-        for f in FIELDS:
-            value = getattr(args, f.name)
-            if f.name in RECEIVER_FIELDS and value is not None and value is not False:
-                # given here: the receiver must know it too, by its own option
-                given = "" if f.kind is bool else f" {getattr(spec, f.name)}"
-                receive += f" {f.flags[0]}{given}"
-        command = f"{args.ssh} {spec.peer} {receive}" if args.ssh else spec.peer
-    elif not spec.blackhole:
+    if args.ssh_command is not None and not spec.blackhole:
+        # as xl: "CMD HOST remusctl receive --stdio", or with an empty CMD, HOST alone;
+        # the receiver's own settings given here go to it by its own options, the
+        # same command line --ssh runs
+        receive = receive_command(spec, e=args.e)
+        command = f"{args.ssh_command} {spec.peer} {receive}" if args.ssh_command else spec.peer
+    elif not spec.blackhole and not spec.ssh:
         try:  # before any connect: a bad address is a usage error, not a traceback
             check_peer(spec.peer)
         except SpecError as exc:
@@ -310,6 +315,40 @@ def cmd_receive(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_host_init(args: argparse.Namespace) -> int:
+    """The host's key and self-signed certificate; run again, it shows what is there."""
+    hv = _hypervisor(args)
+    ident = tls_identity(hv)
+    made = ident.init(args.name or os.uname().nodename)
+    print(f"{'created' if made else 'exists'}: {ident.cert_path}")
+    print(f"fingerprint: {ident.fingerprint}")
+    return 0
+
+
+def cmd_host_trust(args: argparse.Namespace) -> int:
+    pin = tls_identity(_hypervisor(args)).trust(args.peer, args.peer_name)
+    how = "certificate" if pin.cert_pem else "fingerprint only (its certificate is stored "
+    how += "" if pin.cert_pem else "when it first connects here)"
+    print(f"trusted {pin.name}: {pin.fingerprint} ({how})")
+    return 0
+
+
+def cmd_host_identity(args: argparse.Namespace) -> int:
+    facts = identity_facts(_hypervisor(args))
+    if args.json:
+        print(json.dumps(facts, indent=2))
+        return 0
+    print(f"identity:    {facts['certificate'] or 'none: run `remusctl host init`'}")
+    if facts["fingerprint"]:
+        print(f"fingerprint: {facts['fingerprint']}")
+    for p in facts["trusted"]:
+        only = "" if p["certificate"] else " (fingerprint only)"
+        print(f"trusts {p['name']}: {p['fingerprint']}{only}")
+    if not facts["trusted"]:
+        print("trusts no peer yet: `remusctl host trust CERT_FILE|sha256:FP`")
+    return 0
+
+
 def _statuses(args: argparse.Namespace) -> list[ProtectionStatus]:
     """The status files of this host's --foreground protections and receivers."""
     d = _hypervisor(args).state_dir()
@@ -355,19 +394,6 @@ def cmd_unprotect(args: argparse.Namespace) -> int:
         return run_api(api_unprotect, args)
     _signal_protection(args, Role.PRIMARY, signal.SIGTERM)
     return 0
-
-
-# what a receiver decides for itself; the rest of a protection's settings come in the
-# primary's HELLO
-# the witness too: a receiver takes over only under the lease the primary protects with
-# -F for `--witness none` (a receiver that takes over on heartbeats alone)
-RECEIVER_FIELDS: Final = (
-    "heartbeat_timeout_ms",
-    "ack_timeout_ms",
-    "witness",
-    "lease_ttl_ms",
-    "unsafe",
-)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -426,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument(
         "-s",
-        dest="ssh",
+        dest="ssh_command",
         metavar="CMD",
         help='run the replication over `sh -c "CMD HOST remusctl receive --stdio"` '
         "(e.g. ssh), as xl remus -s; with an empty CMD, --to is the whole command",
@@ -496,10 +522,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=lambda a: run_api(api_events, a))
     hi = sub.add_parser("host", help="this host: backend, Xen, helper, buffering (remusd)")
     hsub = hi.add_subparsers(dest="host_command", required=True)
-    hinfo = hsub.add_parser("info")
+    hinfo = hsub.add_parser("info", help="remusd's view: backend, helper, link, pinned peers")
     hinfo.add_argument("--json", action="store_true")
     add_client_options(hinfo)
     hinfo.set_defaults(func=lambda a: run_api(api_host_info, a))
+    hinit = hsub.add_parser(
+        "init", help="make this host's replication key and certificate (idempotent)"
+    )
+    hinit.add_argument("--name", help="the certificate's common name (default: the host name)")
+    hinit.set_defaults(func=cmd_host_init)
+    htrust = hsub.add_parser("trust", help="pin a peer for the replication link")
+    htrust.add_argument("peer", metavar="CERT_FILE|sha256:FP")
+    htrust.add_argument("--name", dest="peer_name", metavar="PEER", help="what to call it")
+    htrust.set_defaults(func=cmd_host_trust)
+    hid = hsub.add_parser("identity", help="this host's certificate and pinned peers (no remusd)")
+    hid.add_argument("--json", action="store_true")
+    hid.set_defaults(func=cmd_host_identity)
     # `demo` has its own parser: main() hands it the rest of the command line
     sub.add_parser("demo", help="Remus on one machine, primary killed at random (--help)")
 
@@ -550,7 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="remusctl: %(message)s")
     try:
         rc: int = args.func(args)
-    except (HypervisorError, SaveRestoreError, ReplicationError) as exc:
+    except (HypervisorError, SaveRestoreError, ReplicationError, LinkError) as exc:
         # ReplicationError: refused before replication began (the witness, the peer)
         print(f"remusctl: {exc}", file=sys.stderr)
         return 1

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .hypervisors.sim import SimHypervisor
+from .protection.host import tls_identity
 from .protection.spec import FIELDS, add_arguments
 from .protection.status import ProtectionStatus
 
@@ -114,6 +115,17 @@ async def run_demo(
     procs: list[asyncio.subprocess.Process] = []
     logs: list[Any] = []
     try:
+        # what an admin does once per host pair (`remusctl host init` on each, then
+        # `remusctl host trust` of the other's certificate): the link is mutual TLS
+        ids = {"host-a": tls_identity(hv_a), "host-b": tls_identity(hv_b)}
+        for name, ident in ids.items():
+            ident.init(name)
+        ids["host-a"].trust(str(ids["host-b"].cert_path), "host-b")
+        ids["host-b"].trust(str(ids["host-a"].cert_path), "host-a")
+        say(
+            f"== mutual TLS: host-a {ids['host-a'].fingerprint[:19]}..., "
+            f"host-b {ids['host-b'].fingerprint[:19]}..., each pinned by the other"
+        )
         info = hv_a.create_domain("demo-guest", memory_mib=32)
         say(f"== domain {info.name} on host-a, service at {info.address}")
         port = 20000 + random.randrange(20000)

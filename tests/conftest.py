@@ -16,6 +16,7 @@ from orchestrator.streams.synth import Chunk
 from .etcd import EtcdServer
 from .hostlab import HostLab
 from .hostlab import unavailable as hostlab_unavailable
+from .tlshosts import trust_each_other
 
 
 def join(chunks: Iterable[Chunk]) -> bytes:
@@ -28,8 +29,10 @@ def stream_file(data: bytes) -> io.BytesIO:
 
 @pytest.fixture
 def hosts(tmp_path: Path) -> Iterator[tuple[SimHypervisor, SimHypervisor]]:
-    """Two simulated hosts; every domain left on them is destroyed afterwards."""
+    """Two simulated hosts that trust each other (mutual TLS is the link's default); every
+    domain left on them is destroyed afterwards."""
     a, b = SimHypervisor(tmp_path / "hostA"), SimHypervisor(tmp_path / "hostB")
+    trust_each_other(a, b)
     yield a, b
     for hv in (a, b):
         for d in hv.list_domains():

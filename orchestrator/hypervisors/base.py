@@ -176,6 +176,10 @@ class Hypervisor(abc.ABC):
         """Where protections on this host publish their status files."""
         return Path(os.environ.get("REMUS_STATE_DIR", "/var/lib/remus"))
 
+    def tls_dir(self) -> Path:
+        """This host's replication identity: its key, its certificate, its pinned peers."""
+        return Path(os.environ.get("REMUS_TLS_DIR", "/var/lib/remus/tls"))
+
     def vif_name(self, domid: int) -> str | None:
         """The host end of the domain's network interface, where its output can be held."""
         return None

@@ -16,6 +16,7 @@ that it catches them without importing the layer that raises them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,8 @@ from ..savehelper.spawn import HelperNotFound, find_helper
 from ..transport.channels import ChannelError, parse_addr, probe
 from ..transport.control import PROTOCOL_VERSION, ControlError
 from ..transport.endpoint import Endpoint, IncomingPair
+from ..transport.sshtarget import parse_target
+from ..transport.tls import PLAIN, Identity, Link, LinkError, Pin
 from .fence import marker_path
 from .spec import Mode, Netbuf, ProtectionSpec, SpecError
 
@@ -47,16 +50,21 @@ __all__ = [
     "Hypervisor",
     "HypervisorError",
     "IncomingPair",
+    "Link",
+    "LinkError",
     "Reason",
     "check_peer",
     "describe_host",
     "free_memory",
     "host_facts",
+    "identity_facts",
+    "link_of",
     "netbuf_options",
     "open_host",
     "preflight",
     "rescue_domain",
     "sim_host_dir",
+    "tls_identity",
 ]
 
 log = logging.getLogger(__name__)
@@ -104,6 +112,32 @@ def check_peer(peer: str) -> tuple[str, int]:
     if not 0 < port < 65536 or any(c.isspace() for c in host):
         raise SpecError("peer", f"{peer!r} is not HOST[:PORT]")
     return host, port
+
+
+def link_of(hv: Hypervisor, insecure: bool) -> Link:
+    """The replication link as asked: mutual TLS with this host's identity, unless
+    ``insecure`` (``--insecure-link``, ``replication.insecure``) asks for plain TCP."""
+    return PLAIN if insecure else Link(Identity(hv.tls_dir()))
+
+
+def tls_identity(hv: Hypervisor) -> Identity:
+    """This host's key, certificate and pinned peers (``remusctl host init|trust``)."""
+    return Identity(hv.tls_dir())
+
+
+def identity_facts(hv: Hypervisor) -> dict[str, Any]:
+    """The identity as GET /v1/host and `remusctl host info` show it."""
+    ident = tls_identity(hv)
+
+    def pin(p: Pin) -> dict[str, Any]:
+        return {"name": p.name, "fingerprint": p.fingerprint, "certificate": p.cert_pem is not None}
+
+    return {
+        "directory": str(ident.directory),
+        "certificate": str(ident.cert_path) if ident.exists() else None,
+        "fingerprint": ident.fingerprint if ident.exists() else None,
+        "trusted": [pin(p) for p in ident.pins()],
+    }
 
 
 def netbuf_options(hv: Hypervisor, domid: int) -> dict[str, str | None]:
@@ -159,6 +193,7 @@ def host_facts(hv: Hypervisor) -> dict[str, Any]:
             Netbuf.PROXY.value: "available",
         },
         "protocol_version": PROTOCOL_VERSION,
+        "identity": identity_facts(hv),
     }
 
 
@@ -195,14 +230,23 @@ async def preflight(hv: Hypervisor, spec: ProtectionSpec) -> list[Reason]:
             fail("netbuf", f"{spec.netbuf.value}: {why}")
     if spec.blackhole:
         return reasons  # -b: nobody on the other end to ask
+    if spec.ssh:
+        # the peer has no endpoint to PROBE (its receiver starts with the SSH session):
+        # its sshd answering is all there is to ask here; the worker's connect finds
+        # out about the host key, the login and the command
+        await _preflight_ssh(spec, fail)
+        return reasons
     try:
         check_peer(spec.peer)
     except SpecError:
+        if not spec.peer:
+            fail("peer_address", "no peer: give peer (HOST[:PORT]) or ssh ([USER@]HOST[:PORT])")
+            return reasons
         fail("peer_address", f"peer {spec.peer!r} is not HOST[:PORT]")
         return reasons
     try:
-        peer = await probe(spec.peer, timeout=PROBE_TIMEOUT)
-    except (OSError, TimeoutError, ChannelError) as exc:
+        peer = await probe(spec.peer, link_of(hv, spec.insecure_link), timeout=PROBE_TIMEOUT)
+    except (OSError, TimeoutError, ChannelError, LinkError) as exc:
         fail("peer_reachable", f"peer {spec.peer}: {exc or type(exc).__name__}")
     except ControlError as exc:
         fail("peer_version", f"peer {spec.peer}: {exc}")
@@ -218,6 +262,20 @@ async def preflight(hv: Hypervisor, spec: ProtectionSpec) -> list[Reason]:
         if spec.mode is Mode.COLO and "colo" not in peer.config.get("capabilities", ()):
             fail("colo", f"peer {spec.peer}'s backend cannot run COLO (Xen has none for PV)")
     return reasons
+
+
+async def _preflight_ssh(spec: ProtectionSpec, fail: Any) -> None:
+    target = parse_target(spec.ssh)  # the spec has parsed it already
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(target.host, target.port), PROBE_TIMEOUT
+        )
+    except (OSError, TimeoutError) as exc:
+        fail("peer_reachable", f"ssh {target}: {exc or type(exc).__name__}")
+        return
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
 
 
 def _preflight_colo(

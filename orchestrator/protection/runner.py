@@ -33,11 +33,12 @@ from ..transport.control import Hello
 from ..transport.control import Role as Side
 from ..transport.controlio import Control
 from ..transport.endpoint import Endpoint, control_of
-from ..transport.stdio import CommandLink, open_command, open_stdio
+from ..transport.stdio import PrimaryLink, open_command, open_stdio
 from .colo import ColoPrimary, ColoSecondary
 from .fence import FenceGuard, marker_path
-from .host import describe_host
+from .host import describe_host, link_of
 from .lease import close_lease, open_lease, primary_witness, secondary_witness
+from .remote import receive_command
 from .remus import RemusPrimary, RemusSecondary
 from .session import Primary, ReplicationError, Secondary, host_identity
 from .spec import Mode, Netbuf, ProtectionSpec
@@ -194,14 +195,16 @@ async def _run_primary(
 ) -> ProtectionStatus:
     sink: _Sink | None = None
     ctl: Control | None
-    link: CommandLink | None = None
+    link: PrimaryLink | None = None
     if spec.blackhole:
         sink = _Sink()
         stream, ctl = sink.stream, None
     elif command is not None:
         stream, ctl, link = await open_command(command)
+    elif spec.ssh:
+        stream, ctl, link = await _open_ssh(spec)
     else:
-        stream, ctl = await connect(spec.peer, info.uuid)
+        stream, ctl = await connect(spec.peer, info.uuid, link_of(hv, spec.insecure_link))
     path = status_path(hv, spec.name, status_dir)
     disk: DiskSender | None = None
     primary: Primary
@@ -221,10 +224,18 @@ async def _run_primary(
                 marker_path(path.parent, spec.name).unlink()
             guard = FenceGuard(hv.name, info.domid, info.name, path.parent)
         primary = RemusPrimary(hv, info, stream, ctl, spec, devices, fence=guard, lease=lease)
-    peer = "blackhole (-b)" if spec.blackhole else spec.peer or (command or "")
+    peer = "blackhole (-b)" if spec.blackhole else spec.peer or spec.ssh or (command or "")
+    if spec.blackhole:
+        link_mode = "none"
+    elif spec.ssh:
+        link_mode = "ssh"
+    elif command is not None:
+        link_mode = "stdio"
+    else:
+        link_mode = link_of(hv, spec.insecure_link).mode
 
     def make() -> ProtectionStatus:
-        st = ProtectionStatus(spec.name, Role.PRIMARY, spec.mode, peer=peer)
+        st = ProtectionStatus(spec.name, Role.PRIMARY, spec.mode, peer=peer, link=link_mode)
         primary.figures.fill(st)
         _lease_fill(st, spec, lease)
         if output is not None:
@@ -276,6 +287,23 @@ async def _run_primary(
     return final
 
 
+async def _open_ssh(spec: ProtectionSpec) -> tuple[socket.socket, Control, PrimaryLink]:
+    """``--ssh``: the receiver started over SSH, with the command line ``-s`` runs."""
+    # imported here: paramiko (and cryptography) cost every remusctl command 0.4 s
+    from ..transport.ssh import open_ssh
+    from ..transport.sshtarget import SshError, parse_target
+
+    try:
+        return await open_ssh(
+            parse_target(spec.ssh),
+            receive_command(spec),
+            known_hosts=spec.ssh_known_hosts or None,
+            identity=spec.ssh_identity or None,
+        )
+    except SshError as exc:
+        raise ReplicationError(str(exc)) from None
+
+
 class _Sink:
     """`-b`: the stream's far end, read and thrown away (xl remus writes to /dev/null).
 
@@ -310,9 +338,12 @@ async def run_secondary_stdio(hv: Hypervisor, spec: ProtectionSpec) -> DomainInf
 
 async def run_secondary(hv: Hypervisor, listen: str, spec: ProtectionSpec) -> DomainInfo:
     host, port = parse_addr(listen)
-    endpoint = Endpoint(host, port, lambda: describe_host(hv))
+    link = link_of(hv, spec.insecure_link)
+    if link.identity is not None:
+        link.require()  # no identity: said now, not when the first primary comes
+    endpoint = Endpoint(host, port, lambda: describe_host(hv), link=link)
     await endpoint.start()
-    print(f"receiving on {host}:{endpoint.port}", flush=True)
+    print(f"receiving on {host}:{endpoint.port} ({link.mode})", flush=True)
     try:
         pair = await endpoint.next_pair()
     finally:
@@ -388,6 +419,8 @@ async def _run_secondary(
 
     def make() -> ProtectionStatus:
         st = ProtectionStatus(names[0], Role.SECONDARY, mode)
+        # last_input is given by the command-pipe links (-s, --stdio, ssh) only
+        st.link = "stdio" if last_input is not None else link_of(hv, spec.insecure_link).mode
         secondary.figures.fill(st)
         _lease_fill(st, spec, lease)
         st.last_heartbeat_age_s = round(secondary.link.seconds_since_heard(), 3)

@@ -23,6 +23,7 @@ from enum import Enum, StrEnum
 from typing import Any, Final
 
 from ..coordination.witness import ETCD_SCHEMES, FILE_SCHEMES
+from ..transport.sshtarget import parse_target
 
 
 class Mode(StrEnum):
@@ -52,12 +53,36 @@ class Field:
     flags: tuple[str, ...] = ()  # remusctl protect's option strings ((): not a flag)
     api: bool = True  # settable through remusd's POST /v1/protections
     help: str = ""
+    metavar: str = ""  # the flag's value in --help ("": the name's)
 
 
 # The table every form is derived from. Order is the order of --help and the schema.
 FIELDS: Final[tuple[Field, ...]] = (
     Field("name", str, help="the domain to protect"),
     Field("peer", str, flags=("--to",), help="HOST[:PORT] of the secondary's receiver"),
+    Field(
+        "ssh",
+        str,
+        flags=("--ssh",),
+        metavar="[USER@]HOST[:PORT]",
+        help="instead of --to: start `remusctl receive --stdio` on HOST over SSH (as xl "
+        "remus does) and replicate over the session; its host key must be in known_hosts",
+    ),
+    Field(
+        "ssh_known_hosts",
+        str,
+        flags=("--ssh-known-hosts",),
+        metavar="FILE",
+        help="--ssh: a known_hosts file read besides ~/.ssh/known_hosts and "
+        "/etc/ssh/ssh_known_hosts (an unknown host key is refused)",
+    ),
+    Field(
+        "ssh_identity",
+        str,
+        flags=("--ssh-identity",),
+        metavar="FILE",
+        help="--ssh: a private key to log in with, besides the agent's and ~/.ssh/id_*",
+    ),
     Field(
         "mode",
         Mode,
@@ -171,6 +196,13 @@ FIELDS: Final[tuple[Field, ...]] = (
         "sooner than this after the primary stopped renewing",
     ),
     Field(
+        "insecure_link",
+        bool,
+        flags=("--insecure-link",),
+        help="plain TCP for the replication link: no TLS, no authentication of the peer, "
+        "the guest's memory in clear (the default is mutual TLS between pinned hosts)",
+    ),
+    Field(
         "verify_memory",
         bool,
         flags=("--verify-memory",),
@@ -212,11 +244,16 @@ class ProtectionSpec:
     witness: str = ""
     lease_ttl_ms: int = 3000
     verify_memory: bool = False
+    insecure_link: bool = False
+    ssh: str = ""  # [USER@]HOST[:PORT]: the receiver is started there over SSH
+    ssh_known_hosts: str = ""
+    ssh_identity: str = ""
 
     def __post_init__(self) -> None:
         for f in FIELDS:
             _check(f, getattr(self, f.name))
         _check_witness(self.witness)
+        _check_ssh(self)
 
     # -- seconds, for the drivers -------------------------------------------------------
 
@@ -394,6 +431,20 @@ def _check_witness(url: str) -> None:
         )
 
 
+def _check_ssh(spec: ProtectionSpec) -> None:
+    """``--ssh``'s target parses, and it is the only way to the peer asked for."""
+    if not spec.ssh:  # ssh_known_hosts and ssh_identity alone: nothing reads them
+        return
+    try:
+        parse_target(spec.ssh)
+    except ValueError as exc:
+        raise SpecError("ssh", str(exc)) from None
+    if spec.peer:
+        raise SpecError("ssh", "reaches the peer itself: give ssh or peer (--to), not both")
+    if spec.blackhole:
+        raise SpecError("ssh", "has no peer to reach with blackhole (-b)")
+
+
 def _coerce(f: Field, raw: Any) -> Any:
     """A JSON value into the field's type (JSON Schema 2020-12: 5.0 is an integer)."""
     if f.kind is int and isinstance(raw, float) and not isinstance(raw, bool) and raw.is_integer():
@@ -442,7 +493,7 @@ def api_schema() -> dict[str, Any]:
             p["maximum"] = f.maximum
         if f.name == "name":
             p.update(minLength=1, maxLength=64, pattern="^[A-Za-z0-9_.-]+$")
-        elif f.name == "peer":
+        elif f.name in ("peer", "ssh"):
             p.update(minLength=1, maxLength=255)
         else:
             d = _default(f)
@@ -451,7 +502,11 @@ def api_schema() -> dict[str, Any]:
         props[f.name] = p
     return {
         "type": "object",
-        "required": ["name", "peer"],
+        "required": ["name"],
+        # peer, unless ssh reaches the peer instead: "peer is required" is still the
+        # error without either (an anyOf would only say the body matches neither)
+        "if": {"not": {"required": ["ssh"]}},
+        "then": {"required": ["peer"]},
         "additionalProperties": False,
         "properties": props,
     }
@@ -482,7 +537,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, exclude: tuple[str, ...] =
                 help=text,
             )
         elif f.kind is str:
-            parser.add_argument(*f.flags, dest=f.name, default=None, help=text)
+            parser.add_argument(
+                *f.flags, dest=f.name, default=None, metavar=f.metavar or None, help=text
+            )
         else:
             parser.add_argument(
                 *f.flags,

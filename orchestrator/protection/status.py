@@ -92,6 +92,9 @@ class ProtectionStatus:
     state: State = State.STARTING
     reason: str = ""
     peer: str = ""
+    # the replication link: tls (mutual, pinned peers), plain (--insecure-link), stdio
+    # (-s CMD: the command's own), ssh (--ssh), none (-b)
+    link: str = ""
     checkpoints: int = 0
     last_checkpoint_at: float | None = None  # wall clock, of the last consistent one
     updated: float = 0.0  # wall clock, of this document

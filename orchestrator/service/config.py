@@ -18,6 +18,7 @@ never silently ignored (a typo in a safety setting must not pass).
     heartbeat_interval_ms = 50
     heartbeat_timeout_ms = 300          # also the secondaries' (they learn the rest)
     ack_timeout_ms = 5000
+    insecure = false                    # true: plain TCP (default: mutual TLS, pinned peers)
 
     [witness]
     url = ""                            # file:///DIR or etcd3+http(s)://HOST:PORT (issue 22)
@@ -41,10 +42,9 @@ from __future__ import annotations
 
 import ipaddress
 import tomllib
-import urllib.parse
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, get_type_hints
 
 from ..protection.spec import ProtectionSpec, SpecError
 
@@ -73,6 +73,8 @@ class ReplicationConfig:
     heartbeat_interval_ms: int = 50
     heartbeat_timeout_ms: int = 300
     ack_timeout_ms: int = 5000
+    # plain TCP for every replication connection, both ways (`--insecure-link`)
+    insecure: bool = False
 
 
 @dataclass(frozen=True)
@@ -122,17 +124,13 @@ class Config:
             ack_timeout_ms=r.ack_timeout_ms,
             witness=self.witness.url,
             lease_ttl_ms=self.witness.lease_ttl_ms,
+            insecure_link=r.insecure,
         )
 
 
-_SECTIONS: Final = {f.name: f.type for f in fields(Config)}
-_CLASSES: Final[dict[str, type]] = {
-    "api": ApiConfig,
-    "replication": ReplicationConfig,
-    "witness": WitnessConfig,
-    "metrics": MetricsConfig,
-    "state": StateConfig,
-}
+# each section's class, as Config's fields declare it
+_CLASSES: Final[dict[str, type]] = get_type_hints(Config)
+_SECTIONS: Final = tuple(_CLASSES)
 
 
 def parse_hostport(key: str, value: str, allow_empty: bool = False) -> tuple[str, int] | None:
@@ -142,18 +140,6 @@ def parse_hostport(key: str, value: str, allow_empty: bool = False) -> tuple[str
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ConfigError(key, f"expected HOST:PORT, got {value!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password taken out: for events, metrics labels and logs."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return url
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
 
 
 def _is_loopback(host: str) -> bool:
@@ -202,9 +188,9 @@ def _section(name: str, raw: Any) -> Any:
         f = known.get(key)
         if f is None:
             raise ConfigError(f"{name}.{key}", f"unknown key (known: {', '.join(known)})")
-        want = int if f.type in ("int", int) else str
+        want = {"int": int, "bool": bool}.get(str(f.type), str)
         # bool is an int in Python: refuse it where a number is meant
-        if not isinstance(value, want) or isinstance(value, bool):
+        if not isinstance(value, want) or (want is int and isinstance(value, bool)):
             raise ConfigError(
                 f"{name}.{key}", f"expected {want.__name__}, got {type(value).__name__}"
             )
@@ -236,10 +222,10 @@ def load(path: Path | None, overrides: dict[str, Any] | None = None) -> Config:
                 value = int(value)
             except ValueError:
                 raise ConfigError(dotted, f"expected int, got {value!r}") from None
+        if name in known and known[name].type == "bool" and isinstance(value, str):
+            if value not in ("true", "false"):
+                raise ConfigError(dotted, f"expected true or false, got {value!r}")
+            value = value == "true"
         raw.setdefault(section, {})[name] = value
     cfg = Config(**{name: _section(name, raw.get(name, {})) for name in _SECTIONS})
     return _check(cfg)
-
-
-def with_state(cfg: Config, **kw: str) -> Config:
-    return replace(cfg, state=replace(cfg.state, **kw))

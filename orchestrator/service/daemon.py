@@ -24,6 +24,7 @@ import ssl
 import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Final
 
@@ -36,24 +37,12 @@ from . import config as configmod
 from .http import BODY, QUERY, ApiError, ApiServer, Route, event_stream, json_response
 from .metrics import CONTENT_TYPE, Metrics, Seen
 from .registry import NotFound, ProtectionRecord, Registry
-from .supervisor import ProtectError, Supervisor, refusal_code
+from .supervisor import Supervisor, refusal_code
 
 log = logging.getLogger("remusd")
 
 VERSION: Final = "0.1.0"
 EVENTS_KEEP: Final = 10_000
-
-# the API's own error codes and their HTTP status
-CODES: Final = {
-    "DOMAIN_NOT_FOUND": 404,
-    "PROTECTION_NOT_FOUND": 404,
-    "ALREADY_PROTECTED": 409,
-    "PEER_UNREACHABLE": 502,
-    "NOT_PROTECTABLE": 422,
-    "WRONG_ROLE": 409,
-    "NOT_SECONDARY": 409,
-    "PRIMARY_ALIVE": 409,
-}
 
 # POST /v1/protections: derived from the spec's table, so the API's names, bounds
 # and defaults are the CLI's and the worker's
@@ -193,11 +182,6 @@ FAILOVER_SCHEMA: Final = {
 }
 
 
-def _api_error(exc: ProtectError) -> ApiError:
-    details = {"reasons": exc.reasons} if exc.reasons else None
-    return ApiError(CODES.get(exc.code, 409), exc.code, exc.message, details)
-
-
 class Service:
     def __init__(self, cfg: configmod.Config) -> None:
         self.cfg = cfg
@@ -333,6 +317,8 @@ class Service:
                     "listen": self.cfg.replication.listen,
                     "port": self.supervisor.replication_port,
                     "protocol_version": facts["protocol_version"],
+                    # tls (mutual, pinned peers) or plain (replication.insecure)
+                    "link": self.supervisor.link_mode,
                 },
             }
         )
@@ -387,47 +373,32 @@ class Service:
                 "ALREADY_PROTECTED",
                 f"{spec.name} is already registered here as {rec.role} ({rec.desired})",
             )
-        try:
-            await self.supervisor.protect(spec)
-        except ProtectError as exc:
-            raise _api_error(exc) from None
+        await self.supervisor.protect(spec)
         return json_response(self._protection(spec.name), 201)
 
     async def h_delete(self, req: web.Request) -> web.Response:
         name = req.match_info["name"]
         self._protection(name)
-        try:
-            await self.supervisor.unprotect(name)
-        except ProtectError as exc:
-            raise _api_error(exc) from None
+        await self.supervisor.unprotect(name)
         self.metrics.forget(name)  # its series go with it
         return web.Response(status=204)
 
     async def h_pause(self, req: web.Request) -> web.Response:
         name = req.match_info["name"]
         self._protection(name)
-        try:
-            await self.supervisor.unprotect(name, keep_record=True)
-        except ProtectError as exc:
-            raise _api_error(exc) from None
+        await self.supervisor.unprotect(name, keep_record=True)
         return json_response(self._protection(name))
 
     async def h_resume(self, req: web.Request) -> web.Response:
         name = req.match_info["name"]
         self._protection(name)
-        try:
-            await self.supervisor.resume(name)
-        except ProtectError as exc:
-            raise _api_error(exc) from None
+        await self.supervisor.resume(name)
         return json_response(self._protection(name))
 
     async def h_failover(self, req: web.Request) -> web.Response:
         name = req.match_info["name"]
         self._protection(name)
-        try:
-            self.supervisor.failover(name, bool((req[BODY] or {}).get("force", False)))
-        except ProtectError as exc:
-            raise _api_error(exc) from None
+        self.supervisor.failover(name, bool((req[BODY] or {}).get("force", False)))
         return json_response({"name": name, "failover": "requested"}, 202)
 
     async def h_events(self, req: web.Request) -> web.Response:
@@ -437,7 +408,7 @@ class Service:
         if wait and self.registry.latest_event_id() <= after:
             await self._wait_event(after, wait)
         events = self.registry.events_since(after, limit, name)
-        return json_response([_event_json(e) for e in events])
+        return json_response([asdict(e) for e in events])
 
     async def h_event_stream(self, req: web.Request) -> web.StreamResponse:
         query = req[QUERY]
@@ -455,7 +426,7 @@ class Service:
             while True:
                 for e in self.registry.events_since(cursor, 100, name):
                     cursor = e.id
-                    yield e.kind, _event_json(e), str(e.id)
+                    yield e.kind, asdict(e), str(e.id)
                 await self._wait_event(cursor, 15.0)
 
         return await event_stream(req, gen())
@@ -599,11 +570,6 @@ class Service:
             await s.close()
         await self.supervisor.close()
         self.registry.close()
-
-
-def _event_json(e: Any) -> dict[str, Any]:
-    return {"id": e.id, "ts": e.ts, "name": e.name, "kind": e.kind, "message": e.message,
-            "data": e.data}  # fmt: skip
 
 
 def _read_token(path: str) -> str | None:

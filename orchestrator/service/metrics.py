@@ -36,6 +36,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from ..protection.rescue import LEASE_VALID
 from ..protection.spec import Mode
 from ..protection.status import (
     PAUSE_BUCKETS,
@@ -45,7 +46,6 @@ from ..protection.status import (
     Role,
     State,
 )
-from .supervisor import LEASE_VALID
 
 log = logging.getLogger(__name__)
 
@@ -294,6 +294,16 @@ class Metrics(Collector):
         )  # fmt: skip
         for metric in ("remus_colo_checkpoints_total", *(m for m, _ in COLO_COUNTS)):
             yield counter(metric)
+        link = InfoMetricFamily(
+            "remus_replication_link",
+            "1 for each protection whose worker runs; the mode label is its link's: tls "
+            "(mutual, pinned peers), plain (--insecure-link), stdio (-s), ssh, none (-b)",
+            labels=PEER,
+        )
+        for p in seen:
+            if p.status is not None and p.status.link:
+                link.add_metric([_utf8(p.name), _utf8(p.peer)], {"mode": p.status.link})
+        yield link
         yield from self._witness(seen)
         yield from (counter(metric) for metric in EVENT_COUNTERS.values())
 

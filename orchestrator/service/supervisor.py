@@ -16,22 +16,19 @@ paused by a worker that died mid-checkpoint is resumed) and then protected
 anew if it is meant to be.
 
 A primary under a lease (issue 22) is not resumed that simply: its worker held
-the lease, and once it is dead nobody here renews it, so the secondary may take
-the lease and the guest over. remusd then does for the dead worker what it can
-no longer do itself (:class:`LeaseRescue`): it pauses the guest, takes the lease
-itself, and looks for a takeover mark on the witness. Holding the lease with no
-mark, nobody else runs the guest and nobody can start it: ours resumes, and is
-protected anew once the secondary's takeover window has passed (it drops its
-copy, not getting the lease). Marked, another host runs the guest: our copy is
-destroyed and the record says so. Until the witness can tell, the guest stays
-paused. Without a witness (unsafe) the guest is resumed as before, and the
-record and the events say that two copies may run.
+the lease, and once it is dead nobody renews it, so the secondary may take the
+lease and the guest over. remusd settles the lease on the dead worker's behalf
+(``protection/rescue.py``: the guest paused until the witness tells; resumed and
+protected anew once remusd holds the lease and nobody took over; destroyed if
+another host did), and records what it decided. Without a witness (unsafe) the
+guest is resumed as before, and the record and the events say that two copies
+may run.
 
 The replication endpoint (``transport/endpoint.py``) pairs each primary's
 stream with its control connection and answers PROBEs; each complete pair
 becomes a secondary worker holding both fds. What the supervisor knows of the
 host below (pre-flight, rescue of a domain whose worker died) it asks of
-``protection/host.py``: the service reaches nothing under ``protection/``.
+``protection/host.py``.
 
 A worker gets its settings as one document, ``--spec`` (a
 :class:`~orchestrator.protection.spec.ProtectionSpec` in JSON), the same one
@@ -42,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import math
 import os
@@ -51,27 +47,35 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
-from ..protection.fence import marker_path
 from ..protection.host import (
-    DomainNotFound,
     Endpoint,
     Hypervisor,
-    HypervisorError,
     IncomingPair,
     describe_host,
+    link_of,
     preflight,
     rescue_domain,
     sim_host_dir,
 )
-from ..protection.lease import close_lease, open_lease, primary_witness
-from ..protection.session import ReplicationError, host_identity
+from ..protection.lease import primary_witness
+from ..protection.rescue import (
+    FENCED,
+    LEASE_GONE,
+    LEASE_VALID,
+    UNPROTECTED,
+    LeaseRescue,
+    lease_data,
+    redact_url,
+)
+from ..protection.session import ReplicationError
 from ..protection.spec import Mode, ProtectionSpec, SpecError
 from ..protection.status import ProtectionStatus, Role, State
-from .config import Config, parse_hostport, redact_url
+from .config import Config, parse_hostport
+from .http import ApiError
 from .registry import NotFound, ProtectionRecord, Registry
 
 log = logging.getLogger(__name__)
@@ -84,29 +88,28 @@ LIVE_STATES: Final = (State.STARTING.value, State.REPLICATING.value, State.FAILI
 INCOMING: Final = "incoming"
 # a secondary heard from its primary this recently may not be failed over unforced
 PRIMARY_ALIVE_S: Final = 1.0
-# the primary's self-fencing guard (Xen): remusd waits for it before it rescues
-GUARD_MODULE: Final = "orchestrator.protection.fence"
-GUARD_WAIT_S: Final = 10.0
-# how often a rescue asks the witness again while it cannot tell
-RESCUE_RETRY_S: Final = 0.25
-# the states remusd records for a dead primary under a lease (the worker's own
-# FENCED and UNPROTECTED mean the same): its guest paused until the lease says;
-# running here holding the lease, nothing replicating it; destroyed, another host
-# having taken the guest over
-FENCED: Final = "fenced"
-UNPROTECTED: Final = "unprotected"
-TAKEN_OVER: Final = "taken-over"
-# the lease states in which the copy we run stays covered
-LEASE_VALID: Final = ("held", "uncertain")
-LEASE_GONE: Final = ("lost", "expired")
 
 
-class ProtectError(Exception):
-    """A request the supervisor refuses; ``code`` is the API's error code."""
+# the refusals' error codes and their HTTP status
+CODES: Final = {
+    "DOMAIN_NOT_FOUND": 404,
+    "ALREADY_PROTECTED": 409,
+    "PEER_UNREACHABLE": 502,
+    "NOT_PROTECTABLE": 422,
+    "WRONG_ROLE": 409,
+    "NOT_SECONDARY": 409,
+    "PRIMARY_ALIVE": 409,
+}
+
+
+class ProtectError(ApiError):
+    """A request the supervisor refuses: the API's error of its code, the failed
+    checks (if any) in its details."""
 
     def __init__(self, code: str, message: str, reasons: list[dict[str, str]] | None = None):
-        super().__init__(message)
-        self.code, self.message, self.reasons = code, message, reasons or []
+        self.reasons = reasons or []
+        details = {"reasons": self.reasons} if self.reasons else None
+        super().__init__(CODES.get(code, 409), code, message, details)
 
 
 @dataclass
@@ -119,7 +122,6 @@ class Worker:
     proc: subprocess.Popen[bytes] | None = None
     last_state: str = ""
     last_lease: str | None = None
-    started: float = field(default_factory=time.time)
 
     def alive(self) -> bool:
         if self.proc is not None:
@@ -145,28 +147,6 @@ def _worker_pid_alive(pid: int, name: str) -> bool:
     return spec.name == name
 
 
-def _guard_alive(name: str, status_dir: Path) -> bool:
-    """A fence guard (``protection/fence.py``) for ``name`` still runs: it acts once
-    the worker's pipe ends (pause, destroy), and a rescue must not race it."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-            stat = (proc / "stat").read_text()
-        except OSError:
-            continue
-        if GUARD_MODULE.encode() not in argv or stat.rsplit(")", 1)[1].split()[0] == "Z":
-            continue
-        with contextlib.suppress(ValueError, IndexError):
-            if (
-                argv[argv.index(b"--name") + 1] == name.encode()
-                and argv[argv.index(b"--status-dir") + 1] == str(status_dir).encode()
-            ):
-                return True
-    return False
-
-
 def refusal_code(reasons: list[dict[str, str]]) -> str:
     """The error code of a protect refused for these reasons."""
     if reasons[0]["check"] == "domain_exists":
@@ -177,70 +157,6 @@ def refusal_code(reasons: list[dict[str, str]]) -> str:
 
 def _reasons(reasons: list[Any]) -> list[dict[str, str]]:
     return [r.to_dict() for r in reasons]
-
-
-class _Marks(Protocol):
-    """What a rescue asks of a witness beyond the lease: who took the guest over."""
-
-    async def taken_over(self, name: str) -> list[str]: ...
-    async def mark_taken_over(self, name: str, by: str) -> None: ...
-
-
-class _Lease(Protocol):
-    """What a rescue uses of the keeper ``protection.lease.open_lease`` gives."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def witness(self) -> _Marks: ...
-    @property
-    def state(self) -> enum.Enum: ...
-    @property
-    def reason(self) -> str: ...
-    @property
-    def valid_until(self) -> float | None: ...
-    def must_fence(self, margin_s: float) -> bool: ...
-    async def acquire(self, timeout_s: float) -> bool: ...
-
-
-@dataclass
-class LeaseRescue:
-    """remusd's own hold on the lease of a primary whose worker died (issue 22).
-
-    ``state`` is what the record says meanwhile: ``fenced`` (the guest paused
-    until the witness tells), ``unprotected`` (the lease is remusd's and nobody
-    took over: the guest runs here until a new worker protects it). ``lease`` and
-    ``valid_until`` are the lease as remusd's keeper sees it, for the API and the
-    metrics.
-    """
-
-    witness: str
-    # the dead worker may have replicated (its status was published): a secondary may
-    # hold a checkpoint, and the guest is paused; else it is only checked before a retry
-    replicated: bool = True
-    state: str = FENCED
-    uuid: str = ""  # of the domain it rescues
-    lease: str = "not_held"
-    reason: str = ""
-    valid_until: float | None = None  # monotonic, as the keeper counts
-    task: asyncio.Task[None] | None = None
-
-    def valid_for_s(self) -> float | None:
-        if self.valid_until is None:
-            return None
-        if math.isinf(self.valid_until):
-            return math.inf  # a file witness's lock: held until remusd dies
-        return round(max(0.0, self.valid_until - time.monotonic()), 3)
-
-    def seen(self, keeper: _Lease) -> None:
-        self.lease = str(keeper.state.value)
-        self.valid_until = keeper.valid_until if self.lease in LEASE_VALID else None
-
-
-def lease_data(witness: str, lease: str | None, valid_for_s: float | None) -> dict[str, Any]:
-    """The lease as events carry it (a file lock's endless validity as null)."""
-    valid = None if valid_for_s is None or math.isinf(valid_for_s) else valid_for_s
-    return {"witness": redact_url(witness), "lease": lease, "lease_valid_for_s": valid}
 
 
 class Supervisor:
@@ -266,8 +182,11 @@ class Supervisor:
         # protections whose worker exited and was not started again: their status
         # file is the last word of a process that is gone
         self.gone: set[str] = set()
-        self._incoming = 0
-        self.failovers = 0
+
+    @property
+    def link_mode(self) -> str:
+        """The replication link's mode, for status and metrics: tls or plain."""
+        return "plain" if self.cfg.replication.insecure else "tls"
 
     @property
     def replication_port(self) -> int:
@@ -278,7 +197,12 @@ class Supervisor:
     async def start(self) -> None:
         addr = parse_hostport("replication.listen", self.cfg.replication.listen)
         assert addr is not None
-        self._endpoint = Endpoint(addr[0], addr[1], lambda: describe_host(self.hv))
+        self._endpoint = Endpoint(
+            addr[0],
+            addr[1],
+            lambda: describe_host(self.hv),
+            link=link_of(self.hv, self.cfg.replication.insecure),
+        )
         await self._endpoint.start()
         self._receiver = asyncio.create_task(self._receive_forever(self._endpoint))
         for rec in self.registry.list():
@@ -297,7 +221,7 @@ class Supervisor:
                     await task
         for name, rescue in rescues:
             if rescue.state == UNPROTECTED:
-                self._pause(name, rescue.uuid)
+                rescue.pause()
                 self.emit(
                     FENCED,
                     "remusd stops while it holds the lease for this guest: paused, the next "
@@ -560,8 +484,6 @@ class Supervisor:
                     name, state, reason, st.checkpoints if st is not None else None
                 )
             self.emit(f"state-{state}", reason or state, name, None)
-            if state == State.FAILED_OVER.value:
-                self.failovers += 1
             if state == State.REPLICATING.value:
                 self._backoff.pop(name, None)
             if st is not None and state in (FENCED, UNPROTECTED):
@@ -684,11 +606,30 @@ class Supervisor:
         if name in self.rescues:
             return
         self._restart_at.pop(name, None)
-        rescue = LeaseRescue(witness, replicated=replicated)
+
+        def record(state: str, reason: str) -> None:
+            with contextlib.suppress(NotFound):
+                self.registry.update_state(name, state, reason)
+
+        def give_up() -> None:  # nothing to protect from here: the record says why
+            with contextlib.suppress(NotFound):
+                self.registry.set_desired(name, "unprotected")
+
+        rescue = LeaseRescue(
+            name,
+            spec,
+            witness,
+            self.hv,
+            self.status_dir,
+            record=record,
+            emit=lambda kind, message, data: self.emit(kind, message, name, data),
+            give_up=give_up,
+            recorded=self.registry.get(name).last_state,
+            replicated=replicated,
+        )
         self.rescues[name] = rescue
         rescue.task = asyncio.get_running_loop().create_task(
-            self._lease_rescue(name, spec, rescue, why),
-            name=f"lease-rescue-{name}",
+            self._lease_rescue(rescue, why), name=f"lease-rescue-{name}"
         )
 
     async def _end_rescue(self, name: str) -> bool:
@@ -704,230 +645,23 @@ class Supervisor:
             await rescue.task
         return rescue.state == FENCED
 
-    def _rescue_says(
-        self, name: str, rescue: LeaseRescue, state: str, reason: str, kind: str | None
-    ) -> None:
-        """What the rescue decided, in the record (state and reason) and as an event."""
-        rescue.state, rescue.reason = state, reason
-        with contextlib.suppress(NotFound):
-            self.registry.update_state(name, state, reason)
-        if kind is not None:
-            data = lease_data(rescue.witness, rescue.lease, rescue.valid_for_s())
-            self.emit(kind, reason, name, {**data, "by": "remusd"})
-
-    def _pause(self, name: str, uuid: str) -> None:
-        """Fence the copy here on its dead worker's behalf: no guest runs unless the
-        lease is ours (a guest left suspended mid-checkpoint stays suspended)."""
-        with contextlib.suppress(DomainNotFound, HypervisorError):
-            info = self.hv.lookup(name)
-            if info.uuid == uuid and info.state == "running":
-                self.hv.pause(info.domid)
-
-    async def _lease_rescue(
-        self, name: str, spec: ProtectionSpec, rescue: LeaseRescue, why: str
-    ) -> None:
-        """``spec``: the protection's, as the record has it (a new worker gets it)."""
-        shown = redact_url(rescue.witness)
-        leased = spec.with_(witness=rescue.witness)  # what the worker ran under
-        respawn = False
+    async def _lease_rescue(self, rescue: LeaseRescue, why: str) -> None:
+        name = rescue.name
         try:
-            # a fence guard (Xen) acts first: it pauses, and destroys a copy whose
-            # secondary holds a checkpoint; taking the lease from under that would
-            # leave no copy anywhere
-            deadline = time.monotonic() + GUARD_WAIT_S
-            while _guard_alive(name, self.status_dir) and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            try:
-                info = self.hv.lookup(name)
-            except DomainNotFound:
-                self._rescue_says(
-                    name,
-                    rescue,
-                    self.registry.get(name).last_state,
-                    f"{why}; no copy of {name} is left here (destroyed on the lease's word, "
-                    "or removed): not protected again from here",
-                    "copy-gone",
-                )
-                self._give_up(name)
-                return
-            rescue.uuid = info.uuid
-            if rescue.replicated:
-                self._pause(name, info.uuid)
-                self._rescue_says(
-                    name,
-                    rescue,
-                    FENCED,
-                    f"{why}: nobody here renews the lease on {shown}, so the guest may not "
-                    "run (paused, or left suspended) until remusd holds it and knows that "
-                    "nobody took over",
-                    FENCED,
-                )
-            else:
-                rescue.state = self.registry.get(name).last_state
-            while True:
-                try:
-                    keeper = await open_lease(leased, info.uuid, "remusd")
-                    break
-                except ReplicationError as exc:  # the witness cannot be reached (yet)
-                    self._waiting(name, rescue, why, str(exc))
-                await asyncio.sleep(RESCUE_RETRY_S)
-            try:
-                respawn = await self._settle(name, leased, info.uuid, keeper, rescue, why)
-            finally:
-                # released before a new worker starts: it takes the lease itself
-                await close_lease(keeper, release=True)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # the guest stays as it is (paused if undecided); log it
-            log.exception("rescue of %s under its lease", name)
-            self.emit("error", f"{why}; the lease rescue failed: see remusd's log", name, None)
+            respawn = await rescue.run(why)
         finally:
             if self.rescues.get(name) is rescue:
                 del self.rescues[name]
-        if not respawn:
-            return
         with contextlib.suppress(NotFound):
-            if self.registry.get(name).desired != "protected" or name in self.workers:
+            if not respawn or self.registry.get(name).desired != "protected":
+                return
+            if name in self.workers:
                 return
             if rescue.replicated:  # the hold was the wait
                 self.emit("retry", f"{why}; protecting anew (the lease let go)", name, None)
-                await self._spawn_primary(spec)
+                await self._spawn_primary(rescue.spec)
             else:
                 self._retry_later(name, why)
-
-    def _waiting(self, name: str, rescue: LeaseRescue, why: str, problem: str) -> None:
-        does = "stays paused" if rescue.replicated else "is not protected again"
-        reason = (
-            f"{why}: the guest {does} until the witness {redact_url(rescue.witness)} can "
-            f"tell who runs it ({problem})"
-        )
-        if reason != rescue.reason:
-            self._rescue_says(name, rescue, rescue.state, reason, None)
-
-    async def _settle(
-        self,
-        name: str,
-        spec: ProtectionSpec,
-        uuid: str,
-        keeper: _Lease,
-        rescue: LeaseRescue,
-        why: str,
-    ) -> bool:
-        """Decide, and hold: True once the guest ran here under remusd's lease through
-        the secondary's takeover window (a new worker may protect it); False once
-        another host took it over (our copy destroyed)."""
-        me = host_identity(self.hv)
-        shown = redact_url(spec.witness)
-        while True:
-            ours = False
-            others: list[str] = []
-            try:
-                others = [h for h in await keeper.witness.taken_over(keeper.name) if h != me]
-                if not others and await keeper.acquire(spec.lease_ttl_s):
-                    # holding the lease nobody can take over; a mark made before is there
-                    others = [h for h in await keeper.witness.taken_over(keeper.name) if h != me]
-                    ours = not others
-                elif not others:
-                    rescue.seen(keeper)
-                    self._waiting(
-                        name, rescue, why, f"the lease is {rescue.lease}: {keeper.reason}"
-                    )
-            except Exception as exc:  # WitnessError: the witness could not tell
-                self._waiting(name, rescue, why, str(exc))
-            rescue.seen(keeper)
-            if others:
-                self._destroy(name, uuid)
-                self._rescue_says(
-                    name,
-                    rescue,
-                    TAKEN_OVER,
-                    f"{why}; host {others[0]} took {name} over (its mark on {shown}): the "
-                    "guest runs there, and our copy was destroyed",
-                    TAKEN_OVER,
-                )
-                self._give_up(name)
-                return False
-            if not ours:
-                await asyncio.sleep(RESCUE_RETRY_S)
-                continue
-            if not rescue.replicated:  # no secondary can hold a checkpoint of that worker
-                return True
-            try:
-                # on the record before it runs: a secondary that takes the lease after
-                # us finds the mark and drops its copy (as a worker's primary does)
-                await keeper.witness.mark_taken_over(keeper.name, me)
-            except Exception as exc:  # WitnessError
-                self._waiting(name, rescue, why, f"marking that it runs here: {exc}")
-                await asyncio.sleep(RESCUE_RETRY_S)
-                continue
-            # ours: the fence guard's hold (Xen) may go, and the guest resumes
-            marker_path(self.status_dir, name).unlink(missing_ok=True)
-            self._rescue_domain(name)
-            hold = spec.heartbeat_timeout_s + spec.takeover_window_s + 1.0
-            self._rescue_says(
-                name,
-                rescue,
-                UNPROTECTED,
-                f"{why}; remusd holds the lease on {shown} and nobody took over: the guest "
-                "runs here, unprotected, and is protected anew once the secondary has "
-                f"dropped its copy, not getting the lease ({2 * hold:g} s at most)",
-                "running-unprotected",
-            )
-            if await self._hold(spec, keeper, rescue, hold):
-                return True
-            # the lease went while the guest ran on it: fenced again, and decide anew
-            self._pause(name, uuid)
-            lost = f"the lease on {shown} is {rescue.lease} ({keeper.reason})"
-            self.emit("lease-lost", f"{lost} while remusd held it", name, None)
-            self._rescue_says(
-                name, rescue, FENCED, f"{why}; {lost}: the guest is paused again", FENCED
-            )
-
-    async def _hold(
-        self, spec: ProtectionSpec, keeper: _Lease, rescue: LeaseRescue, window: float
-    ) -> bool:
-        """Hold the lease while the guest runs here until no secondary can take over: the
-        peer has no copy of the domain left (it dropped it, not getting the lease), or,
-        the peer not answering, its takeover window has passed; twice that at most.
-        False if the lease went meanwhile."""
-        start = time.monotonic()
-        next_ask = start
-        peer_copy: bool | None = None
-        while not keeper.must_fence(spec.lease_fence_margin_s):
-            rescue.seen(keeper)
-            held_for = time.monotonic() - start
-            if peer_copy is False or held_for >= 2 * window:
-                return True
-            if held_for >= window and peer_copy is None:
-                return True
-            if time.monotonic() >= next_ask:
-                peer_copy = await self._peer_has_copy(spec)
-                next_ask = time.monotonic() + 0.5
-                continue
-            await asyncio.sleep(0.05)
-        rescue.seen(keeper)
-        return False
-
-    async def _peer_has_copy(self, spec: ProtectionSpec) -> bool | None:
-        """Whether the peer still has a domain of this name (None: it cannot be asked):
-        a secondary there could still take over with it."""
-        if spec.blackhole:
-            return False
-        checks = {r.check for r in await preflight(self.hv, spec)}
-        if checks & {"peer_address", "peer_reachable", "peer_version"}:
-            return None
-        return "peer_name" in checks
-
-    def _give_up(self, name: str) -> None:
-        """Nothing to protect from here any more: the record stays, saying why."""
-        with contextlib.suppress(NotFound):
-            self.registry.set_desired(name, "unprotected")
-
-    def _destroy(self, name: str, uuid: str) -> None:
-        with contextlib.suppress(DomainNotFound, HypervisorError):
-            info = self.hv.lookup(name)
-            if info.uuid == uuid:
-                self.hv.destroy(info.domid)
 
     # -- what the API and the metrics show -----------------------------------------
 

@@ -19,6 +19,14 @@ pair waits ``half_pair_ttl`` seconds at most for its other half, at most
 is refused: the halves already held are real primaries more likely than not),
 and complete pairs wait in a queue of ``max_ready`` (past it a pair is closed
 and its primary retries).
+
+With a TLS link (the default) every connection is mutual TLS before its
+preamble is read: nothing is answered, paired or handed on before the peer's
+certificate is one this host pinned (:mod:`.tls`), and the handshake counts
+against the preamble's timeout. A pair's sockets are then the plain ends of
+:class:`~.relay.Relay`s, whose threads live in this process. Each connection
+that passes gets one ACCEPT byte; one that is refused after its preamble gets
+REFUSE and why (:mod:`.channels`).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 import time
 import uuid
 from collections import OrderedDict
@@ -34,9 +43,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-from .channels import CONTROL, MAGIC, PREAMBLE, PROBE, STREAM
+from .channels import ACCEPT, CONTROL, MAGIC, PREAMBLE, PROBE, REFUSE, STREAM
 from .control import PROTOCOL_VERSION, Hello, Role, encode_event
 from .controlio import Control
+from .relay import Relay
+from .tls import Link, LinkRefused, accept_refusal, check_client, looks_like_tls, peer_name
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +94,7 @@ class Endpoint:
         port: int,
         describe: Callable[[], dict[str, Any]] | None = None,
         *,
+        link: Link,
         max_handshakes: int = MAX_HANDSHAKES,
         max_half_pairs: int = MAX_HALF_PAIRS,
         half_pair_ttl: float = HALF_PAIR_TTL,
@@ -90,6 +102,7 @@ class Endpoint:
         preamble_timeout: float = PREAMBLE_TIMEOUT,
     ) -> None:
         self.host, self.port = host, port
+        self.link = link
         self._describe = describe or dict
         self.max_handshakes, self.max_half_pairs = max_handshakes, max_half_pairs
         self.half_pair_ttl, self.preamble_timeout = half_pair_ttl, preamble_timeout
@@ -103,6 +116,7 @@ class Endpoint:
         # what the bounds did, for the log and the tests
         self.refused = 0
         self.expired = 0
+        self.unauthenticated = 0  # connections refused for their certificate, or for no TLS
         self._refusal_logged = 0.0
 
     @property
@@ -170,8 +184,16 @@ class Endpoint:
     async def _handshake(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         raw = b""
+        peer = peer_name(conn)
+        tls: ssl.SSLSocket | None = None
         try:
             async with asyncio.timeout(self.preamble_timeout):
+                if self.link.identity is not None:
+                    tls = await self._authenticate(conn, peer)
+                    if tls is None:
+                        return
+                    raw = await _tls_read(tls, PREAMBLE.size)
+                    conn, tls = Relay(tls, peer).local, None  # the relay owns it now
                 while len(raw) < PREAMBLE.size:
                     # exactly what is left of the preamble, never more
                     chunk = await loop.sock_recv(conn, PREAMBLE.size - len(raw))
@@ -179,10 +201,17 @@ class Endpoint:
                         raise ConnectionError("closed inside the preamble")
                     raw += chunk
         except (OSError, TimeoutError):
+            if tls is not None:
+                tls.close()
             conn.close()
             return
         magic, kind, pid = PREAMBLE.unpack(raw)
         if magic != MAGIC or kind not in (STREAM, CONTROL, PROBE):
+            if looks_like_tls(raw):
+                self._unauthenticated(
+                    f"refused {peer}: it speaks TLS, and this receiver runs on plain TCP "
+                    "(--insecure-link, replication.insecure)"
+                )
             conn.close()
             return
         conn.setblocking(True)
@@ -191,10 +220,65 @@ class Endpoint:
             return
         await self._pair(pid, kind, conn)
 
+    async def _authenticate(self, conn: socket.socket, peer: str) -> ssl.SSLSocket | None:
+        """The TLS handshake, the peer's certificate checked: None (and ``conn`` closed)
+        when it is refused. A plain-TCP primary is told so, in plain text: that says
+        nothing about this host but that it wants TLS."""
+        await _wait(conn, write=False)
+        first = conn.recv(len(MAGIC), socket.MSG_PEEK)
+        if first == MAGIC:
+            self._unauthenticated(f"refused {peer}: plain TCP, and this receiver requires TLS")
+            with contextlib.suppress(OSError):
+                conn.send(REFUSE + b"this receiver requires TLS (mutual, pinned certificates)\n")
+            conn.close()
+            return None
+        if not looks_like_tls(first):
+            conn.close()
+            return None
+        try:
+            ctx, presented = self.link.server_context()
+        except Exception:
+            conn.close()
+            raise
+        tls = ctx.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        try:
+            while True:
+                try:
+                    tls.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    await _wait(tls, write=False)
+                except ssl.SSLWantWriteError:
+                    await _wait(tls, write=True)
+            check_client(tls, self.link, presented, peer)
+        except ssl.SSLError as exc:
+            self._unauthenticated(str(accept_refusal(exc, tls, self.link, presented, peer)))
+            tls.close()
+            return None
+        except LinkRefused as exc:
+            self._unauthenticated(str(exc))
+            tls.close()
+            return None
+        except BaseException:
+            tls.close()
+            raise
+        return tls
+
+    def _unauthenticated(self, message: str) -> None:
+        self.unauthenticated += 1
+        log.warning("replication endpoint: %s", message)
+
     async def _pair(self, pid: bytes, kind: int, conn: socket.socket) -> None:
         self._expire(time.monotonic())
         if pid not in self._half and len(self._half) >= self.max_half_pairs:
+            with contextlib.suppress(OSError):
+                conn.send(REFUSE + b"too many half-open pairs here; try again later\n")
             self._refuse(conn, "half-open pairs")
+            return
+        try:
+            conn.sendall(ACCEPT)
+        except OSError:
+            conn.close()
             return
         now = time.monotonic()
         first, slot = self._half.pop(pid, (now, {}))
@@ -244,10 +328,49 @@ class Endpoint:
     def _answer_probe(self, sock: socket.socket) -> None:
         try:
             hello = Hello("probe", self._describe(), CAPABILITIES, PROTOCOL_VERSION)
-            sock.sendall(encode_event(hello))
+            sock.sendall(ACCEPT + encode_event(hello))
         except OSError:
             pass  # the prober went away: its pre-flight reports that on its side
         except Exception:
             log.exception("answering a probe")
         finally:
             sock.close()
+
+
+async def _wait(sock: socket.socket, *, write: bool) -> None:
+    """Until ``sock`` is readable (or writable): a non-blocking SSL socket in the loop."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    if write:
+        loop.add_writer(fd, wake)
+    else:
+        loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
+async def _tls_read(tls: ssl.SSLSocket, n: int) -> bytes:
+    """Exactly ``n`` bytes of plaintext; what OpenSSL decrypted past them stays in the
+    SSL object for the relay to pass on."""
+    raw = b""
+    while len(raw) < n:
+        try:
+            chunk = tls.recv(n - len(raw))
+        except ssl.SSLWantReadError:
+            await _wait(tls, write=False)
+            continue
+        if not chunk:
+            raise ConnectionError("closed inside the preamble")
+        raw += chunk
+    return raw

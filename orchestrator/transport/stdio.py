@@ -27,6 +27,8 @@ the socketpairs and the pipes (blocking I/O in threads: simple, and the GIL
 is released for every read and write, which is what bulk data wants).
 :func:`open_command` is the primary's side, :func:`open_stdio` the
 secondary's; :class:`MuxDecoder` and :func:`encode` are the codec, sans I/O.
+The primary's pumps (:class:`PrimaryLink`) work over any duplex byte pipe:
+:mod:`.ssh` runs them over an SSH channel (``protect --ssh``).
 
 Head-of-line blocking
 ---------------------
@@ -331,10 +333,12 @@ class _Link:
 
 
 class _Uplink:
-    """Frames into one fd from two threads; a waiting control frame goes first."""
+    """Frames into one byte pipe from two threads; a waiting control frame goes first.
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    ``send`` writes all of a frame (into a pipe's fd, onto an SSH channel)."""
+
+    def __init__(self, send: Callable[[Buffer], None]) -> None:
+        self._send = send
         self._cond = threading.Condition()
         self._busy = False
         self._urgent = 0
@@ -354,7 +358,7 @@ class _Uplink:
                 raise BrokenPipeError("uplink closed")
             self._busy = True
         try:
-            _write_all(self.fd, frame)
+            self._send(frame)
         finally:
             with self._cond:
                 self._busy = False
@@ -370,10 +374,112 @@ class _Uplink:
         self.write(encode(channel, b""), urgent=channel == CONTROL)
 
 
-# -- the primary: a command's stdin and stdout -------------------------------------------------
+# -- the primary: one duplex byte pipe to the secondary ---------------------------------------
 
 
-class CommandLink(_Link):
+class PrimaryLink(_Link):
+    """The primary's pumps over one duplex byte pipe to the secondary: the stream
+    and control go out multiplexed, control comes back.
+
+    What :class:`CommandLink` (a command's stdin and stdout) and
+    ``ssh.SshLink`` (an SSH session's channel) share; a subclass gives the pipe:
+    :meth:`_send`, :meth:`_recv`, :meth:`_end_output`, and the names its errors
+    use (``OUT``, ``IN``, ``PEER``, ``CLOSED``).
+    """
+
+    OUT = "command's stdin"
+    IN = "command's stdout"
+    PEER = "the command"
+    CLOSED = "the command closed its stdout"
+
+    def __init__(self, s_pump: socket.socket, c_pump: socket.socket) -> None:
+        super().__init__(s_pump, c_pump)
+        self._uplink = _Uplink(self._send)
+        self._clean = False  # the secondary ended control before its output
+        self._up_running = 2  # the threads writing to the peer: the last one out ends it
+
+    def _send(self, data: Buffer) -> None:
+        """All of ``data`` to the secondary (blocking)."""
+        raise NotImplementedError
+
+    def _recv(self) -> bytes:
+        """The next bytes from the secondary (blocking); b"" at the end."""
+        raise NotImplementedError
+
+    def _end_output(self) -> None:
+        """Nothing more goes to the secondary: it sees the end of its input."""
+        raise NotImplementedError
+
+    def close(self, grace: float = 3.0) -> None:
+        """End both channels; the secondary gets ``grace`` seconds to exit on the EOF
+        before it is made to. Does not block."""
+        raise NotImplementedError
+
+    def _start_pumps(self) -> None:
+        self._spawn("stream-up", self._stream_up)
+        self._spawn("control-up", self._control_up)
+        self._spawn("down", self._down)
+
+    def _up_done(self) -> None:
+        with self._lock:
+            self._up_running -= 1
+            last = not self._up_running
+        if last:
+            self._uplink.close()
+            self._end_output()  # the secondary sees EOF (ssh passes it on): time to exit
+
+    def _stream_up(self) -> None:
+        buf = bytearray(HEADER.size + STREAM_CHUNK)
+        frame = memoryview(buf)
+        body = frame[HEADER.size :]
+        try:
+            while n := self._s_pump.recv_into(body):
+                HEADER.pack_into(buf, 0, STREAM, n)
+                self._uplink.write(frame[: HEADER.size + n], urgent=False)
+            if not self._failed:
+                self._uplink.end(STREAM)
+        except OSError as exc:
+            self._fail(f"{self.OUT}: {exc}")
+        finally:
+            self._up_done()
+
+    def _control_up(self) -> None:
+        try:
+            while data := self._c_pump.recv(CONTROL_CHUNK):
+                self._uplink.write(encode(CONTROL, data), urgent=True)
+            if not self._failed:
+                self._uplink.end(CONTROL)
+        except OSError as exc:
+            self._fail(f"{self.OUT}: {exc}")
+        finally:
+            self._up_done()
+
+    def _down(self) -> None:
+        decoder = MuxDecoder(channels=(CONTROL,))
+        consumer = True  # somebody still reads the Control
+        try:
+            while data := self._recv():
+                self.last_input = time.monotonic()
+                decoder.receive_data(data)
+                while (frame := decoder.next_frame()) is not None:
+                    if not frame[1]:
+                        self._shutdown(self._c_pump, socket.SHUT_WR)
+                        self._clean = True
+                    elif consumer:
+                        try:
+                            self._c_pump.sendall(frame[1])
+                        except OSError:
+                            consumer = False  # the Control was closed: drop the rest
+            decoder.end_of_input()
+            if not self._clean:
+                self._fail(self.CLOSED)
+        except MuxError as exc:
+            self._fail(f"from {self.PEER}: {exc}")
+        except OSError as exc:
+            self._fail(f"{self.IN}: {exc}")
+
+
+class CommandLink(PrimaryLink):
     """The primary's end of ``sh -c COMMAND``: pumps and the process.
 
     Built by :func:`open_command`. When the command exits, its stdin breaks
@@ -388,23 +494,27 @@ class CommandLink(_Link):
         c_pump: socket.socket,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
-        super().__init__(s_pump, c_pump)
         self.process = process
         assert process.stdin is not None and process.stdout is not None
         self._stdin, self._stdout = process.stdin, process.stdout
-        self._uplink = _Uplink(self._stdin.fileno())
+        super().__init__(s_pump, c_pump)
         self._exited = threading.Event()
         self._loop = loop
         self._exit: asyncio.Future[int] = loop.create_future()
-        self._clean = False  # the secondary ended control before its stdout
-        self._up_running = 2  # the threads writing stdin: the last one out closes it
         self._cleanup.append(self._stdout.close)
 
     def _start(self) -> None:
-        self._spawn("stream-up", self._stream_up)
-        self._spawn("control-up", self._control_up)
-        self._spawn("down", self._down)
+        self._start_pumps()
         self._spawn("wait", self._wait)
+
+    def _send(self, data: Buffer) -> None:
+        _write_all(self._stdin.fileno(), data)
+
+    def _recv(self) -> bytes:
+        return os.read(self._stdout.fileno(), PIPE_READ)
+
+    def _end_output(self) -> None:
+        self._stdin.close()
 
     @property
     def returncode(self) -> int | None:
@@ -446,68 +556,6 @@ class CommandLink(_Link):
             if self._exited.wait(grace):
                 return
             sig()
-
-    def _close_stdin(self) -> None:
-        self._uplink.close()
-        self._stdin.close()
-
-    def _up_done(self) -> None:
-        with self._lock:
-            self._up_running -= 1
-            last = not self._up_running
-        if last:
-            self._close_stdin()  # the command sees EOF (ssh passes it on): time to exit
-
-    def _stream_up(self) -> None:
-        buf = bytearray(HEADER.size + STREAM_CHUNK)
-        frame = memoryview(buf)
-        body = frame[HEADER.size :]
-        try:
-            while n := self._s_pump.recv_into(body):
-                HEADER.pack_into(buf, 0, STREAM, n)
-                self._uplink.write(frame[: HEADER.size + n], urgent=False)
-            if not self._failed:
-                self._uplink.end(STREAM)
-        except OSError as exc:
-            self._fail(f"command's stdin: {exc}")
-        finally:
-            self._up_done()
-
-    def _control_up(self) -> None:
-        try:
-            while data := self._c_pump.recv(CONTROL_CHUNK):
-                self._uplink.write(encode(CONTROL, data), urgent=True)
-            if not self._failed:
-                self._uplink.end(CONTROL)
-        except OSError as exc:
-            self._fail(f"command's stdin: {exc}")
-        finally:
-            self._up_done()
-
-    def _down(self) -> None:
-        decoder = MuxDecoder(channels=(CONTROL,))
-        fd = self._stdout.fileno()
-        consumer = True  # somebody still reads the Control
-        try:
-            while data := os.read(fd, PIPE_READ):
-                self.last_input = time.monotonic()
-                decoder.receive_data(data)
-                while (frame := decoder.next_frame()) is not None:
-                    if not frame[1]:
-                        self._shutdown(self._c_pump, socket.SHUT_WR)
-                        self._clean = True
-                    elif consumer:
-                        try:
-                            self._c_pump.sendall(frame[1])
-                        except OSError:
-                            consumer = False  # the Control was closed: drop the rest
-            decoder.end_of_input()
-            if not self._clean:
-                self._fail("the command closed its stdout")
-        except MuxError as exc:
-            self._fail(f"from the command: {exc}")
-        except OSError as exc:
-            self._fail(f"command's stdout: {exc}")
 
     def _wait(self) -> None:
         rc = self.process.wait()

@@ -174,3 +174,98 @@ def test_replication_over_a_command_pipe_fails_over_when_the_primary_dies(
         if prot.poll() is None:
             prot.kill()
         prot.wait()
+
+
+def test_protect_and_failover_over_tls_lose_no_acknowledged_write(
+    hosts: tuple[SimHypervisor, SimHypervisor],
+) -> None:
+    """The default link: mutual TLS between the two pinned hosts (the `hosts` fixture has
+    run `host init` and `host trust` on each); the primary host dies under a client's
+    writes, and every write it acknowledged is on the secondary."""
+    a, b = hosts
+    info = a.create_domain("web", memory_mib=16)
+    port = 30000 + random.randrange(10000)
+    recv = subprocess.Popen(
+        remusctl(b.host, "receive", "--listen", f"127.0.0.1:{port}"),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert recv.stdout is not None
+    assert "(tls)" in recv.stdout.readline()
+    prot = subprocess.Popen(
+        remusctl(
+            a.host, "protect", "--foreground", "web", "--to", f"127.0.0.1:{port}", "-i", "50"
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        row = wait_checkpoints(a.host, 3)
+        assert row["state"] == "replicating" and row["link"] == "tls", row
+        (s,) = status(b.host)
+        assert s["link"] == "tls", s
+        acked: list[int] = []
+        for batch in range(5):  # acknowledged writes between checkpoints, up to the kill
+            keys = range(batch * 20, batch * 20 + 20)
+            replies = kv(info.address, [b"PUT t%d v%d" % (i, i) for i in keys])
+            acked += [i for i, r in zip(keys, replies, strict=True) if r == b"OK"]
+        prot.kill()
+        gpid = int((a.host / "domains" / str(info.domid) / "guest.pid").read_text())
+        os.killpg(gpid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            doms = b.list_domains()
+            if doms and doms[0].state == "running" and doms[0].address:
+                break
+            time.sleep(0.1)
+        restored = b.lookup("web")
+        got = kv(restored.address, [b"GET t%d" % i for i in acked])
+        lost = [i for i, v in zip(acked, got, strict=True) if v != b"VALUE v%d" % i]
+        assert acked and not lost, f"{len(lost)} of {len(acked)} acknowledged writes lost"
+        rest, _ = recv.communicate(timeout=30)
+        assert "FAILOVER" in rest
+    finally:
+        for proc in (recv, prot):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+def test_a_receiver_refuses_an_untrusted_primary_and_both_say_which_certificate(
+    tmp_path: Path,
+) -> None:
+    """Two hosts with identities that never trusted each other: protect fails, naming the
+    certificate the receiver refused; the receiver logs the same fingerprint and takes
+    nothing."""
+    from ..tlshosts import identity
+
+    a, b = SimHypervisor(tmp_path / "hostA"), SimHypervisor(tmp_path / "hostB")
+    ia, _ = identity(a), identity(b)
+    identity(a).trust(str(identity(b).cert_path), "b")  # a trusts b, b does not trust a
+    a.create_domain("web", memory_mib=16)
+    port = 30000 + random.randrange(10000)
+    recv = subprocess.Popen(
+        remusctl(b.host, "receive", "--listen", f"127.0.0.1:{port}"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert recv.stdout is not None and "(tls)" in recv.stdout.readline()
+        r = subprocess.run(
+            remusctl(a.host, "protect", "--foreground", "web", "--to", f"127.0.0.1:{port}"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode != 0
+        assert ia.fingerprint in r.stderr and "refused this host's certificate" in r.stderr
+        assert a.lookup("web").state == "running" and b.list_domains() == []
+    finally:
+        recv.kill()
+        _, err = recv.communicate()
+        for hv in (a, b):
+            for d in hv.list_domains():
+                hv.destroy(d.domid)
+    assert f"presented certificate {ia.fingerprint}" in err

@@ -54,7 +54,12 @@ def from_schema(schema: dict[str, Any], valid: bool = False) -> st.SearchStrateg
         return st.sampled_from(schema["enum"]) | junk
     if t == "object":
         # the peer as PEERS says; the name mostly that of the one domain there is
-        special = {"peer": PEERS, "name": st.just("vm1") | (st.nothing() if valid else TEXT)}
+        # (and ssh, the other way to the peer, as the peer)
+        special = {
+            "peer": PEERS,
+            "ssh": PEERS,
+            "name": st.just("vm1") | (st.nothing() if valid else TEXT),
+        }
         props = {k: special.get(k, from_schema(v, valid)) for k, v in schema["properties"].items()}
         required = [k for k in schema.get("required", []) if k in props]
         optional = {k: v for k, v in props.items() if k not in required}

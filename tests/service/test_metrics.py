@@ -239,7 +239,8 @@ def test_every_family_named_typed_and_helped_in_order() -> None:
         "remus_checkpoints_total", "remus_checkpoint_pause_seconds", "remus_failovers_total",
         *gauges, "remus_replication_state", "remus_colo_checkpoints_total",
         "remus_colo_compared_packets_total", "remus_colo_mismatches_total",
-        "remus_colo_mirrored_packets_total", "remus_witness_lease_held",
+        "remus_colo_mirrored_packets_total", "remus_replication_link_info",
+        "remus_witness_lease_held",
         "remus_witness_lease_valid_seconds", "remus_witness_lease_state", "remus_witness_info",
         "remus_unprotected", "remus_witness_fenced_total", "remus_witness_lease_lost_total",
         "remus_witness_taken_over_total",
@@ -255,7 +256,9 @@ def test_every_family_named_typed_and_helped_in_order() -> None:
 
 
 def test_a_remus_primary_under_a_lease() -> None:
-    st = primary(checkpoints=3, ack_lag_ms_p50=1.5, held_packets=4, dirty_pages_p50=12.0)
+    st = primary(
+        checkpoints=3, ack_lag_ms_p50=1.5, held_packets=4, dirty_pages_p50=12.0, link="tls"
+    )
     st.pause_histogram.counts[2], st.pause_histogram.sum = 3, 0.0045  # per bucket
     metrics = Metrics(Rows(seen(st, LEASE)))
     page = metrics.render()
@@ -274,6 +277,7 @@ def test_a_remus_primary_under_a_lease() -> None:
     info = {"domain": "vm1", "role": "primary", "witness": "file:///w"}
     assert sample(page, "remus_witness_info", **info) == 1
     assert sample(page, "remus_unprotected", **peer) == 0
+    assert sample(page, "remus_replication_link_info", **peer, mode="tls") == 1
     hist = histogram_series(parse(page)["remus_checkpoint_pause_seconds"])
     (series,) = hist.values()
     assert series["buckets"] == [(b, 0 if b < 0.002 else 3) for b in (*PAUSE_BUCKETS, math.inf)]

@@ -27,6 +27,7 @@ from orchestrator.hypervisors.sim import SimHypervisor
 from orchestrator.service.client import ApiClient, ApiClientError
 
 from ..guestclient import kv
+from ..tlshosts import trust_each_other
 
 ROOT = Path(__file__).resolve().parents[2]
 # the hosts' lease: its takeover window (1.5 TTL + 1 s) is how long a secondary that lost
@@ -118,6 +119,7 @@ def _two(tmp_path: Path, witness: str) -> Iterator[tuple[Remusd, Remusd]]:
     port = 20000 + random.randrange(20000)
     a = Remusd(tmp_path / "a", port, witness=witness)
     b = Remusd(tmp_path / "b", port + 1, witness=witness)
+    trust_each_other(a.base / "host", b.base / "host")  # the link is mutual TLS
     a.start()
     b.start()
     yield a, b
@@ -171,6 +173,10 @@ def test_protect_errors_are_typed_and_name_the_failed_checks(two: tuple[Remusd, 
             ({"name": "vm1", "peer": "no-port:x"}, 422, "NOT_PROTECTABLE"),
             ({"name": "vm 1", "peer": "x"}, 400, "BAD_REQUEST"),
             ({"name": "vm1"}, 400, "BAD_REQUEST"),
+            # ssh instead of peer: its sshd is asked to answer, its target parses
+            ({"name": "vm1", "ssh": "root@127.0.0.1:1"}, 502, "PEER_UNREACHABLE"),
+            ({"name": "vm1", "ssh": "root@"}, 422, "NOT_PROTECTABLE"),
+            ({"name": "vm1", "ssh": "h", "peer": peer}, 422, "NOT_PROTECTABLE"),
         ]
         for body, status, code in cases:
             with pytest.raises(ApiClientError) as err:

@@ -12,6 +12,7 @@ from typing import Any
 from orchestrator.transport.channels import CONTROL, MAGIC, PREAMBLE, STREAM, connect
 from orchestrator.transport.control import Hello
 from orchestrator.transport.endpoint import Endpoint, control_of
+from orchestrator.transport.tls import PLAIN
 
 Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -24,14 +25,17 @@ async def _open(port: int, kind: int, pid: uuid.UUID) -> Conn:
 
 
 async def _sees_eof(reader: asyncio.StreamReader, within: float) -> bool:
-    """True if the listener closed this connection within ``within`` seconds."""
+    """True if the listener closed this connection within ``within`` seconds (its verdict,
+    ACCEPT or REFUSE and why, may come first)."""
     try:
-        data = await asyncio.wait_for(reader.read(1), within)
+        async with asyncio.timeout(within):
+            while await reader.read(4096):
+                pass
     except TimeoutError:
         return False
     except ConnectionError:
         return True
-    return data == b""
+    return True
 
 
 async def _until(cond: Callable[[], bool], within: float = 5.0) -> None:
@@ -42,7 +46,8 @@ async def _until(cond: Callable[[], bool], within: float = 5.0) -> None:
 
 def _run(factory: Callable[[Endpoint], Awaitable[None]], **bounds: Any) -> None:
     async def go() -> None:
-        listener = Endpoint("127.0.0.1", 0, **bounds)
+        # plain TCP: these are the bounds of the table; tests/transport/test_tls.py has TLS's
+        listener = Endpoint("127.0.0.1", 0, link=PLAIN, **bounds)
         await listener.start()
         try:
             await factory(listener)
@@ -117,7 +122,7 @@ def test_connect_pairs_after_half_open_ones_expired() -> None:
         await _until(lambda: listener.pending == 2)
         await _until(lambda: listener.pending == 0)  # expired: room again
         pid = str(uuid.uuid4())
-        stream, ctl = await connect(f"127.0.0.1:{listener.port}", pid, timeout=5)
+        stream, ctl = await connect(f"127.0.0.1:{listener.port}", pid, PLAIN, timeout=5)
         try:
             pair = await asyncio.wait_for(listener.next_pair(), 5)
             plain, theirs = pair.stream, await control_of(pair)
@@ -159,7 +164,7 @@ def test_pairs_nobody_takes_are_bounded() -> None:
 def test_stream_socket_handed_out_is_blocking() -> None:
     async def go(listener: Endpoint) -> None:
         pid = str(uuid.uuid4())
-        stream, ctl = await connect(f"127.0.0.1:{listener.port}", pid, timeout=5)
+        stream, ctl = await connect(f"127.0.0.1:{listener.port}", pid, PLAIN, timeout=5)
         pair = await asyncio.wait_for(listener.next_pair(), 5)
         try:
             assert isinstance(pair.stream, socket.socket) and pair.stream.getblocking()
@@ -173,7 +178,7 @@ def test_stream_socket_handed_out_is_blocking() -> None:
 
 def test_close_ends_half_open_and_untaken_pairs() -> None:
     async def go() -> None:
-        listener = Endpoint("127.0.0.1", 0)
+        listener = Endpoint("127.0.0.1", 0, link=PLAIN)
         await listener.start()
         pid = uuid.uuid4()
         halves = [await _open(listener.port, STREAM, pid), await _open(listener.port, CONTROL, pid)]

@@ -66,6 +66,22 @@ options:
     description:
       - C(HOST:PORT) of the secondary's remusd replication endpoint (its
         C([replication] listen), port 8002 by default).
+      - Give I(peer) or I(ssh), not both.
+    type: str
+  ssh:
+    description:
+      - C([USER@]HOST[:PORT]) to start the receiver on over SSH (C(remusctl receive
+        --stdio) on the peer's C(PATH)), as C(xl remus) does; both channels then run
+        over that SSH session instead of a TCP link.
+      - The peer's host key must be in a known_hosts file; an unknown key is refused.
+    type: str
+  ssh_known_hosts:
+    description:
+      - A known_hosts file checked besides the user's and the system's, for I(ssh).
+    type: str
+  ssh_identity:
+    description:
+      - A private key file to log in with, for I(ssh) (else the agent or C(~/.ssh/id_*)).
     type: str
   mode:
     description:
@@ -144,4 +160,10 @@ options:
         the secondary takes over no sooner than this after the primary stopped renewing.
       - When not given, remusd's C([witness] lease_ttl_ms).
     type: int
+  insecure_link:
+    description:
+      - Plain TCP for the replication link, no TLS and no authentication of the peer
+        (the default is mutual TLS between hosts that pinned each other's certificate).
+      - When not given, remusd's C([replication] insecure).
+    type: bool
 """

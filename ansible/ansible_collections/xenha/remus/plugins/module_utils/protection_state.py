@@ -25,6 +25,9 @@ __metaclass__ = type
 # remusd's own (its [replication] and [witness] configuration, or the spec's).
 SETTINGS = (
     ("peer", "str"),
+    ("ssh", "str"),
+    ("ssh_known_hosts", "str"),
+    ("ssh_identity", "str"),
     ("mode", "str"),
     ("interval_ms", "int"),
     ("heartbeat_interval_ms", "int"),
@@ -38,6 +41,7 @@ SETTINGS = (
     ("compare_timeout_ms", "float"),
     ("witness", "str"),
     ("lease_ttl_ms", "int"),
+    ("insecure_link", "bool"),
 )
 SETTING_NAMES = tuple(setting[0] for setting in SETTINGS)
 MODES = ("remus", "colo")
@@ -162,8 +166,8 @@ def plan(state, name, doc, wanted, recreate=False):
             raise PlanError(
                 "no protection of %s here to pause: protect it first (state: present)" % name
             )
-        if not wanted.get("peer"):
-            raise PlanError("peer is required to protect %s" % name)
+        if not wanted.get("peer") and not wanted.get("ssh"):
+            raise PlanError("peer is required to protect %s (or ssh)" % name)
         return ["protect"] if state == "present" else ["protect", "pause"]
     changes = setting_changes(wanted, doc.get("settings") or {})
     if here == "unprotected":
