@@ -62,6 +62,7 @@ from typing import IO, Any, Final, Literal
 from orchestrator.hypervisors.sim import ADDRESS_POOL, SimHypervisor, have_netns
 
 from .etcd import EtcdServer
+from .tlshosts import trust_each_other
 
 Host = Literal["a", "b"]
 Direction = Literal["both", "a->b", "b->a"]
@@ -229,6 +230,10 @@ class HostLab:
             subnet = side.hv.host_subnet()
             taken.add(subnet)
             _run("ip", "route", "replace", str(subnet), "via", side.up_ip, "dev", side.root_dev)
+        # as an admin sets two hosts up: `host init` on each, each trusting the other's
+        # certificate (the replication link is mutual TLS by default)
+        assert a.hv is not None and b.hv is not None
+        trust_each_other(a.hv, b.hv)
         self.etcd = EtcdServer(
             self._etcd_binary, self.workdir / "etcd-data", [a.root_ip, b.root_ip]
         )
