@@ -44,6 +44,8 @@ class FrameType(IntEnum):
     CONN = 9  # primary -> secondary: the primary guest's SYN-ACK numbers
     SVM_OUTPUT = 10  # secondary -> primary: TCP payload its guest sent
     NETSYNC = 11  # primary -> secondary: its output positions at a checkpoint's suspend
+    # primary -> secondary: a planned switchover (the secondary answers FAILOVER)
+    SWITCHOVER = 12
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,21 @@ class Failover:
 @dataclass(frozen=True)
 class Shutdown:
     reason: str
+
+
+@dataclass(frozen=True)
+class Switchover:
+    """A planned switchover: checkpoint ``seq`` (ACKed) is the last, the primary's guest
+    stays suspended and its lease is let go; the secondary takes over from ``seq`` and
+    answers FAILOVER once its copy runs.
+
+    ``protect_back`` is the ProtectionSpec document (JSON) the secondary's host protects
+    the guest back with, to the old primary's host; empty: it protects nothing back.
+    A document, not fields: this layer sits below the spec's, and only the protection
+    layer reads it."""
+
+    seq: int
+    protect_back: str = ""
 
 
 @dataclass(frozen=True)
@@ -148,6 +165,7 @@ Event = (
     | ConnInfo
     | SvmOutput
     | NetSync
+    | Switchover
 )
 
 _ACK: Final = struct.Struct("<Q32s")
@@ -158,6 +176,7 @@ _CONN: Final = struct.Struct("<HHII")
 _SVM_OUTPUT: Final = struct.Struct("<HHIQ")  # ports, epoch, offset
 _NETSYNC: Final = struct.Struct("<QI4x")  # seq, count
 _NETSYNC_END: Final = struct.Struct("<HHI")
+_SWITCHOVER: Final = struct.Struct("<Q")  # seq, then the document (UTF-8)
 DISK_FRAME_BLOCKS: Final = 64  # 256 KiB of 4 KiB blocks: well under MAX_BODY
 
 
@@ -202,6 +221,10 @@ _ENCODERS: Final[dict[type, tuple[FrameType, Any]]] = {
         lambda e: _SVM_OUTPUT.pack(e.client_port, e.guest_port, e.epoch, e.offset) + e.payload,
     ),
     NetSync: (FrameType.NETSYNC, _encode_netsync),
+    Switchover: (
+        FrameType.SWITCHOVER,
+        lambda e: _SWITCHOVER.pack(e.seq) + e.protect_back.encode(),
+    ),
 }
 
 
@@ -268,6 +291,11 @@ def _decode(ftype: int, body: bytes) -> Event:
             for i in range(count)
         )
         return NetSync(seq, ends)
+    if ftype == FrameType.SWITCHOVER:
+        if len(body) < _SWITCHOVER.size:
+            raise ValueError(f"SWITCHOVER body of {len(body)} bytes is shorter than its header")
+        (seq,) = _SWITCHOVER.unpack_from(body)
+        return Switchover(seq, body[_SWITCHOVER.size :].decode())
     raise ValueError("unknown frame type")
 
 
@@ -301,6 +329,9 @@ class State(Enum):
     # primary only: CHECKPOINT_END of checkpoint ``in_flight`` is written, its ACK
     # (Remus) or LOADED (COLO) not yet in
     IN_FLIGHT = "checkpoint-in-flight"
+    # secondary only: the primary handed the guest over (SWITCHOVER); all that may
+    # come now is proof of life, all that goes back is our FAILOVER once it runs here
+    HANDED_OVER = "handed-over"
     CLOSED = "closed"
 
 
@@ -326,6 +357,9 @@ TRANSITIONS: Final[dict[Role, dict[State, dict[type, State]]]] = {
             **_PRIMARY_ENDS,
             Ack: State.ESTABLISHED,  # for the checkpoint in flight only (see next_event)
         },
+        # a secondary's state only: after SWITCHOVER the primary stays ESTABLISHED
+        # until the FAILOVER in answer
+        State.HANDED_OVER: {},
         State.CLOSED: {},
     },
     Role.SECONDARY: {
@@ -333,8 +367,10 @@ TRANSITIONS: Final[dict[Role, dict[State, dict[type, State]]]] = {
         State.ESTABLISHED: {
             **_staying(State.ESTABLISHED, (Heartbeat, DiskWrites, Mirror, ConnInfo, NetSync)),
             Shutdown: State.CLOSED,  # the primary ended replication: drop the copy
+            Switchover: State.HANDED_OVER,  # for the last ACKed checkpoint only
         },
         State.IN_FLIGHT: {},  # not a secondary's state
+        State.HANDED_OVER: _staying(State.HANDED_OVER, (Heartbeat,)),
         State.CLOSED: {},
     },
 }
@@ -342,7 +378,9 @@ TRANSITIONS: Final[dict[Role, dict[State, dict[type, State]]]] = {
 # What each side may send (its peer's table is the check that matters; this one
 # catches our own bugs before they reach the wire).
 SENDS: Final[dict[Role, frozenset[type]]] = {
-    Role.PRIMARY: frozenset({Hello, Heartbeat, DiskWrites, Mirror, ConnInfo, NetSync, Shutdown}),
+    Role.PRIMARY: frozenset(
+        {Hello, Heartbeat, DiskWrites, Mirror, ConnInfo, NetSync, Shutdown, Switchover}
+    ),
     Role.SECONDARY: frozenset({Hello, Heartbeat, Ack, SvmOutput, Failover}),
 }
 
@@ -404,6 +442,15 @@ class ControlConnection:
             raise ControlError(
                 self._offset, what, f"blocks of checkpoint {event.seq} after its CHECKPOINT_END"
             )
+        elif isinstance(event, Switchover) and (
+            self.state is not State.ESTABLISHED or not 0 < event.seq == self.acked
+        ):
+            raise ControlError(
+                self._offset,
+                what,
+                f"for checkpoint {event.seq} in state {self.state.value}: only the last "
+                f"ACKed one ({self.acked}), with none in flight",
+            )
         return encode_event(event)
 
     def receive_data(self, data: bytes) -> None:
@@ -446,6 +493,8 @@ class ControlConnection:
             self.acked, self.in_flight = event.seq, 0
         elif isinstance(event, DiskWrites) and event.seq <= self.acked:
             self._fail(name, f"blocks of checkpoint {event.seq}, which was already ACKed")
+        elif isinstance(event, Switchover) and not 0 < event.seq == self.acked:
+            self._fail(name, f"from checkpoint {event.seq}, but {self.acked} is the last ACKed")
         del self._buf[:total]
         self._offset += total
         self.state = nxt

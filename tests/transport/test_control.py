@@ -24,6 +24,7 @@ from orchestrator.transport.control import (
     Shutdown,
     State,
     SvmOutput,
+    Switchover,
     encode_event,
 )
 
@@ -209,12 +210,15 @@ def test_every_row_and_every_missing_row() -> None:
         ConnInfo(40000, 7000, 1, 2),
         SvmOutput(40000, 7000, 2, 5, b"OK\n"),
         NetSync(3, ((40000, 7000, 12),)),
+        Switchover(1, '{"name": "web"}'),
     ]
     for role in Role:
         for state in State:
             for ev in samples:
                 c = ControlConnection(role)
                 c.state, c.in_flight = state, 1
+                if isinstance(ev, Switchover):  # only from the last ACKed checkpoint
+                    c.acked = 1
                 c.receive_data(encode_event(ev))
                 row = TRANSITIONS[role][state].get(type(ev))
                 if state is State.CLOSED:
@@ -241,3 +245,42 @@ def test_bad_colo_frames_name_the_frame(ftype: int, body: bytes, message: str) -
     c.receive_data(struct.pack("<II", ftype, len(body)) + body + pad)
     with pytest.raises(ControlError, match=message):
         c.next_event()
+
+
+@given(st.integers(1, 2**64 - 1), st.text(max_size=2000))
+def test_switchover_round_trip_from_the_last_acked_checkpoint(seq: int, doc: str) -> None:
+    primary, secondary = established(Role.PRIMARY), established()
+    primary.acked = secondary.acked = seq
+    wire = primary.send(Switchover(seq, doc))
+    secondary.receive_data(wire)
+    assert secondary.next_event() == Switchover(seq, doc)
+    assert secondary.state is State.HANDED_OVER
+    # the secondary answers FAILOVER once the guest runs there; the primary is done
+    primary.receive_data(secondary.send(Failover("switched over")))
+    assert primary.next_event() == Failover("switched over")
+    assert primary.state is State.CLOSED
+
+
+def test_a_switchover_is_only_from_the_last_acked_checkpoint_with_none_in_flight() -> None:
+    primary = established(Role.PRIMARY)
+    with pytest.raises(ControlError, match="only the last ACKed one"):
+        primary.send(Switchover(0))  # nothing ACKed yet: nothing to take over from
+    primary.checkpoint_sent(1)
+    with pytest.raises(ControlError, match="checkpoint-in-flight"):
+        primary.send(Switchover(1))  # its ACK is not in
+    secondary = established()
+    secondary.acked = 4
+    secondary.receive_data(encode_event(Switchover(3)))  # an older one than we hold
+    with pytest.raises(ControlError, match="SWITCHOVER: from checkpoint 3, but 4 is the last"):
+        secondary.next_event()
+    short = established()
+    short.receive_data(struct.pack("<II", 12, 4) + bytes(4) + bytes(4))
+    with pytest.raises(ControlError, match="SWITCHOVER body of 4 bytes"):
+        short.next_event()
+    # after the hand-over nothing but proof of life may come
+    handed = established()
+    handed.acked = 1
+    handed.receive_data(encode_event(Switchover(1)) + encode_event(DiskWrites(2, 8, (), True)))
+    assert handed.next_event() == Switchover(1)
+    with pytest.raises(ControlError, match="not allowed in state handed-over"):
+        handed.next_event()
