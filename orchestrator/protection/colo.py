@@ -166,6 +166,10 @@ class ColoPrimary(Primary):
         with contextlib.suppress(asyncio.QueueFull):  # one is enough: it settles them all
             self._wanted.put_nowait(reason)
 
+    def request_switchover(self, protect_back: str) -> None:
+        super().request_switchover(protect_back)
+        self.request_checkpoint(Reason.TIMER)  # now, not at the timer: it is the last
+
     def _comparer_wants(self, reason: str) -> None:
         self.request_checkpoint(Reason.HELD if reason == "held" else Reason.DIVERGENCE)
 
@@ -251,6 +255,8 @@ class ColoPrimary(Primary):
     # -- helper callbacks (libxc's order: suspend, checkpoint, postcopy, wait_checkpoint)
 
     async def _suspend(self) -> int:
+        # a switchover asked for: this checkpoint is the last, ours is not resumed
+        self.last_epoch = self.switchover is not None and not self._first_suspend
         await self.suspend_guest()
         if self.net is not None:
             self.net.suspended(self.exchange.seq)
@@ -275,7 +281,8 @@ class ColoPrimary(Primary):
 
     async def _postcopy(self) -> int:
         self._feed(StateReceived(await self._back()))  # SVM_READY: it has the checkpoint
-        await self.resume_guest()
+        if not self.last_epoch:  # the last: the secondary's copy runs on alone
+            await self.resume_guest()
         self._feed(StateReceived(await self._back()))  # SVM_RESUMED
         return 1
 
@@ -291,6 +298,9 @@ class ColoPrimary(Primary):
                 if self.net is not None:
                     self.net.checkpoint_done(action.seq, first=not self._comparing)
                 self._comparing = True
+        if self.last_epoch:  # our output up to the suspend is out; it runs on there
+            await self.hand_over(seq)
+            return 0
         try:
             reason = await asyncio.wait_for(self._wanted.get(), self.spec.checkpoint_max_interval_s)
         except TimeoutError:

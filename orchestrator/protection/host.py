@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -63,6 +65,7 @@ __all__ = [
     "open_host",
     "preflight",
     "rescue_domain",
+    "return_address",
     "sim_host_dir",
     "tls_identity",
 ]
@@ -112,6 +115,26 @@ def check_peer(peer: str) -> tuple[str, int]:
     if not 0 < port < 65536 or any(c.isspace() for c in host):
         raise SpecError("peer", f"{peer!r} is not HOST[:PORT]")
     return host, port
+
+
+def return_address(listen_host: str, port: int, spec: ProtectionSpec) -> str:
+    """``HOST:PORT`` at which ``spec``'s peer reaches this host's replication endpoint
+    (listening on ``listen_host``, ``port``): what a switchover tells the peer to
+    protect the guest back to. A wildcard listen address is no answer: then it is the
+    address this host's packets to the peer leave from (the kernel's route choice,
+    asked with a UDP socket's connect, which sends nothing)."""
+    try:
+        wildcard = not listen_host or ipaddress.ip_address(listen_host).is_unspecified
+    except ValueError:  # a host name: the administrator's own answer
+        wildcard = False
+    host = listen_host
+    if wildcard:
+        target = parse_target(spec.ssh).host if spec.ssh else check_peer(spec.peer)[0]
+        family, kind, proto, _, addr = socket.getaddrinfo(target, 9, type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.connect(addr)
+            host = str(s.getsockname()[0])
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def link_of(hv: Hypervisor, insecure: bool) -> Link:

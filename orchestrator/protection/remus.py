@@ -123,6 +123,9 @@ class RemusPrimary(Primary):
             if self.spec.interval_s > 0 and now - self._epoch_started > 1.5 * self.spec.interval_s:
                 self.figures.late_epochs += 1
         self._epoch_started = now
+        # a switchover asked for: this suspend ends the last epoch (the guest runs on
+        # from it on the secondary)
+        self.last_epoch = self.switchover is not None
         await self.suspend_guest()
         # output from now on belongs to the next epoch; what came before is in
         # the checkpoint being taken, released when its ACK arrives
@@ -132,6 +135,8 @@ class RemusPrimary(Primary):
         return 1
 
     async def _postcopy(self) -> int:
+        if self.last_epoch:  # not resumed here: the secondary resumes it
+            return 1
         for dev in self.devices:
             await dev.preresume()
         await self.resume_guest()
@@ -173,6 +178,9 @@ class RemusPrimary(Primary):
         self.figures.checkpoint_done(seq)
         for dev in self.devices:
             await dev.commit(seq - 1)  # the output produced before checkpoint seq
+        if self.last_epoch:  # all our guest's output is out; it runs on over there
+            await self.hand_over(seq)
+            return 0
         # -i is the epoch: "checkpoint every MS milliseconds", as xl's manual has
         # it. libxl waits the whole interval after each checkpoint instead, which
         # stretches every epoch (and the wait of all held output) by the pause and

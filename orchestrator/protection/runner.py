@@ -42,7 +42,7 @@ from .remote import receive_command
 from .remus import RemusPrimary, RemusSecondary
 from .session import Primary, ReplicationError, Secondary, host_identity
 from .spec import Mode, Netbuf, ProtectionSpec
-from .status import ProtectionStatus, Role
+from .status import ProtectionStatus, Role, State, switchover_request
 from .xen_receiver import XenRemusSecondary
 
 PUBLISH_EVERY = 0.2  # seconds between status documents
@@ -250,6 +250,8 @@ async def _run_primary(
             primary._net_figures()
             st.colo, st.netbuf = primary.colo, "colo-compare" if primary.net else "none"
             st.held_packets = primary.held_packets()
+        if primary.switchover_pause_s is not None:
+            st.switchover_pause_ms = round(primary.switchover_pause_s * 1e3, 3)
         return st
 
     publisher = asyncio.create_task(_publish(path, make))
@@ -267,12 +269,24 @@ async def _run_primary(
         if not stopper:
             stopper.append(asyncio.create_task(stop()))
 
+    def switch_over() -> None:
+        # remusd's request: the document the peer protects back with, in the file
+        request = switchover_request(path.parent, spec.name)
+        try:
+            document = request.read_text()
+        except OSError:
+            document = ""
+        request.unlink(missing_ok=True)
+        primary.request_switchover(document)
+
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, unprotect)
+    loop.add_signal_handler(signal.SIGUSR2, switch_over)
     try:
         await run
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
+        loop.remove_signal_handler(signal.SIGUSR2)
         for task in (publisher, *stopper):
             task.cancel()
         final = make()
@@ -424,6 +438,9 @@ async def _run_secondary(
         secondary.figures.fill(st)
         _lease_fill(st, spec, lease)
         st.last_heartbeat_age_s = round(secondary.link.seconds_since_heard(), 3)
+        handed = secondary.link.switchover
+        if handed is not None and secondary.figures.state is State.FAILED_OVER:
+            st.protect_back = handed.protect_back  # remusd protects back with it
         if isinstance(secondary, ColoSecondary):
             secondary._net_figures()
             st.colo = secondary.colo

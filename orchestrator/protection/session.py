@@ -54,6 +54,7 @@ from ..transport.control import (
     Hello,
     Role,
     Shutdown,
+    Switchover,
 )
 from ..transport.controlio import Control, heartbeats, send_nowait
 from .spec import ProtectionSpec
@@ -184,6 +185,8 @@ class PrimaryLink:
         self._on_frame = on_frame
         self._on_lost = on_lost
         self._pending: dict[int, asyncio.Future[Ack]] = {}
+        # a switchover's answer: the secondary's FAILOVER once the guest runs there
+        self._taken: asyncio.Future[Failover] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.lost: str | None = None
 
@@ -231,6 +234,10 @@ class PrimaryLink:
                     fut = self._pending.pop(event.seq, None)
                     if fut is not None and not fut.done():
                         fut.set_result(event)
+                elif isinstance(event, Failover) and self._taken is not None:
+                    if not self._taken.done():
+                        self._taken.set_result(event)
+                    return  # the connection's last word (the codec is closed now)
                 elif isinstance(event, Failover | Shutdown):
                     raise PeerLost(f"secondary: {event.reason}")
                 elif self._on_frame is not None:
@@ -244,8 +251,22 @@ class PrimaryLink:
             if not fut.done():
                 fut.set_exception(PeerLost(reason))
         self._pending.clear()
+        if self._taken is not None and not self._taken.done():
+            self._taken.set_exception(PeerLost(reason))
         if self._on_lost is not None:
             await self._on_lost(reason)
+
+    def switch_over(self, seq: int, protect_back: str) -> asyncio.Future[Failover]:
+        """Hand the guest over after checkpoint ``seq`` (the last, ACKed): the future of
+        the secondary's FAILOVER, sent once the guest runs there (:class:`PeerLost` if
+        the connection goes first)."""
+        if self.ctl is None:
+            raise PeerLost("no secondary (-b) to switch over to")
+        if self.lost is not None:
+            raise PeerLost(self.lost)
+        self._taken = asyncio.get_running_loop().create_future()
+        self.ctl.send(Switchover(seq, protect_back))
+        return self._taken
 
     def shutdown(self, reason: str) -> None:
         """Tell the secondary to drop its copy: replication ends on purpose."""
@@ -318,6 +339,13 @@ class Primary(abc.ABC):
         self._suspended_at = 0.0
         self._seq = 0
         self._stopping = False
+        # a planned switchover (remusd's POST .../switchover, SIGUSR2 on the worker):
+        # the document the peer protects back with, once asked; then the epoch that
+        # ends with the next suspend is the last, and the guest is not resumed here
+        self.switchover: str | None = None
+        self.last_epoch = False
+        self.handed_over = False
+        self.switchover_pause_s: float | None = None  # the last suspend to the FAILOVER
 
     # -- what a mode supplies --------------------------------------------------------
 
@@ -369,6 +397,59 @@ class Primary(abc.ABC):
     def next_seq(self) -> int:
         self._seq += 1
         return self._seq
+
+    def request_switchover(self, protect_back: str) -> None:
+        """Switch over at the next checkpoint: it is the last, and the secondary runs
+        the guest from it. ``protect_back``: the spec document the peer protects the
+        guest back here with ("" for none)."""
+        if self.switchover is None and not self._stopping:
+            self.switchover = protect_back
+
+    async def hand_over(self, seq: int) -> None:
+        """Checkpoint ``seq`` is ACKed and its output released; our guest stays
+        suspended. The secondary is told to take over, the lease let go so that it
+        can take it at once, and once it says the guest runs there ours goes.
+
+        Unconfirmed (the link or the peer lost, no answer within the takeover
+        window): ours is fenced, as by a lost lease, and the witness decides
+        (``_after_lease``): destroyed if the secondary took over, resumed if the
+        lease is ours again and nobody did. Without a witness it stays paused: an
+        administrator must tell."""
+        peer = self.spec.peer or self.spec.ssh or "the secondary"
+        try:
+            if self.lease is not None:
+                # let go before the secondary is told, so that its first attempt takes
+                # it. Safe at once: our guest is suspended with nothing held, and it
+                # resumes only with the lease back and no takeover marked; a secondary
+                # that never hears of the switchover takes over on our silence, from
+                # this checkpoint, which is the last
+                if self._fence_watch is not None:
+                    self._fence_watch.cancel()
+                await self.lease.stop(release=True)
+            taken = self.link.switch_over(seq, self.switchover or "")
+            await self.link.flush()
+            timeout = self.spec.takeover_window_s + self.spec.ack_timeout_s
+            try:
+                await asyncio.wait_for(asyncio.shield(taken), timeout)
+            except TimeoutError:
+                raise AckTimeout(f"no answer within {timeout:g} s") from None
+        except ReplicationError as exc:
+            self.fenced = True
+            self.figures.state = State.FENCED
+            self.figures.reason = (
+                f"fenced: the switchover to {peer} after checkpoint {seq} was not confirmed ({exc})"
+            )
+            with contextlib.suppress(HypervisorError):
+                self.hv.pause(self.domain.domid)
+            return
+        self.switchover_pause_s = time.perf_counter() - self._suspended_at
+        self.handed_over = True
+        self.figures.reason = (
+            f"switched over to {peer} after checkpoint {seq}: the guest runs there "
+            f"(paused {self.switchover_pause_s * 1e3:.0f} ms); our copy destroyed"
+        )
+        with contextlib.suppress(HypervisorError):
+            self.hv.destroy(self.domain.domid)
 
     def may_release(self) -> bool:
         """Output of an ACKed epoch may go: without a witness always, with one only while
@@ -486,6 +567,8 @@ class Primary(abc.ABC):
         self.fenced = False
 
     def _final_state(self) -> State:
+        if self.handed_over:
+            return State.SWITCHED_OVER
         if self.fenced:
             return State.FENCED
         if self._stopping or self.link.ctl is None:
@@ -557,7 +640,11 @@ class Primary(abc.ABC):
             self.watchdog.stop()
             if self._fence_watch is not None:
                 self._fence_watch.cancel()
-            if self.lease is not None and not dying and not self.fenced and not self.may_release():
+            if (
+                self.lease is not None
+                and not (dying or self.fenced or self.handed_over)
+                and not self.may_release()
+            ):
                 # what is held goes out below unless we fence now: a process resumed
                 # after a long stop gets here before its watcher looks at the clock
                 await self.fence_self(
@@ -565,12 +652,12 @@ class Primary(abc.ABC):
                     "past a release"
                 )
             # ended mid-checkpoint: ours carries on, unless it is fenced
-            if self._suspended and not dying and not self.fenced:
+            if self._suspended and not (dying or self.fenced or self.handed_over):
                 with contextlib.suppress(Exception):
                     await self.hv.resume(self.domain.domid)
                 self._suspended = False
             await self._teardown(dying)
-            if self.lease is not None and not dying:
+            if self.lease is not None and not dying and not self.handed_over:
                 await self._after_lease()
             self.figures.state = self._final_state()
         return self.figures
@@ -600,6 +687,7 @@ class SecondaryLink:
         self._tasks: list[asyncio.Task[None]] = []
         self.unprotected = False
         self.forced = False
+        self.switchover: Switchover | None = None  # the primary handed the guest over
 
     async def hello(self, capabilities: tuple[str, ...]) -> Hello:
         return await self.ctl.hello(Hello("secondary", {}, capabilities), self.spec.ack_timeout_s)
@@ -641,11 +729,24 @@ class SecondaryLink:
                     self.unprotected = True
                     self.figures.fail(f"primary ended replication: {event.reason}")
                     return
+                if isinstance(event, Switchover):
+                    self.switchover = event
+                    self.figures.reason = (
+                        f"switchover: the primary handed the guest over after checkpoint "
+                        f"{event.seq}"
+                    )
+                    return  # the stream ends at that checkpoint: take over from it
                 on_frame(event)
         except (ConnectionError, ControlError, ReplicationError) as exc:
             self.figures.fail(f"control: {exc}")
         finally:
             self._on_lost()
+
+    async def taken(self, message: str) -> None:
+        """After a switchover, the guest runs here: the primary may destroy its copy."""
+        with contextlib.suppress(Exception):
+            self.ctl.send(Failover(message))
+            await asyncio.wait_for(self.ctl.drain(), self.spec.ack_timeout_s)
 
     def heartbeat_timeout(self) -> float:
         # Until a checkpoint is whole here there is nothing to fail over to, so
@@ -818,10 +919,19 @@ class Secondary(abc.ABC):
                     staged = await asyncio.gather(staging, return_exceptions=True)
                 if isinstance(staged[0], BaseException):
                     raise staged[0]
+            handed = self.link.switchover
+            if handed is not None and self.complete_checkpoints() < handed.seq:
+                # not reachable from a well-behaved primary: it waits for our ACK
+                raise ReplicationError(
+                    f"switchover after checkpoint {handed.seq}, but only "
+                    f"{self.complete_checkpoints()} are complete here"
+                )
             self.figures.state = State.FAILING_OVER
             info = await self._take_over()
             self.figures.state = State.FAILED_OVER  # only once the guest runs here
             self.target = info
+            if handed is not None:
+                await self.link.taken(f"switched over: {info.name} runs here")
             return info
         except BaseException:
             with contextlib.suppress(Exception):

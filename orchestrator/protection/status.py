@@ -42,6 +42,9 @@ class State(StrEnum):
     # the primary lost its secondary while holding the lease: the guest runs on
     # here, and nothing replicates it (the reason says why)
     UNPROTECTED = "unprotected"
+    # a planned switchover: the peer runs the guest from our last checkpoint, our
+    # copy is destroyed, and this host is to become its secondary
+    SWITCHED_OVER = "switched-over"
     STOPPED = "stopped"
 
 
@@ -122,6 +125,12 @@ class ProtectionStatus:
     witness: str = ""
     lease: str | None = None  # LeaseState's value: held, uncertain, expired, lost...
     lease_valid_for_s: float | None = None
+    # a secondary that took over by a switchover: the ProtectionSpec document (JSON)
+    # its host protects the guest back with, to the old primary ("" otherwise)
+    protect_back: str = ""
+    # a primary that switched over: its guest's pause, the last suspend to the
+    # secondary's word that the guest runs there
+    switchover_pause_ms: float | None = None
 
     @property
     def last_checkpoint_age_s(self) -> float | None:
@@ -163,6 +172,13 @@ class ProtectionStatus:
             return cls.from_dict(json.loads(path.read_text()))
         except (OSError, ValueError, KeyError, TypeError):
             return None
+
+
+def switchover_request(status_dir: Path, name: str) -> Path:
+    """Where remusd puts a switchover's protect-back document (a ProtectionSpec in
+    JSON, the peer's to protect the guest back with) before it sends the primary's
+    worker SIGUSR2: a signal carries no data, and this file is the request's."""
+    return status_dir / f"{name}.switchover"
 
 
 _T = TypeVar("_T")
