@@ -1,6 +1,6 @@
 """`remusctl`'s protection verbs as a client of `remusd`.
 
-protect, unprotect, pause, resume, failover, status, events and host info
+protect, unprotect, pause, resume, failover, switchover, status, events and host info
 go to remusd's API (its unix socket, ``--socket`` or ``$REMUSD_SOCKET``; or
 ``--url`` with ``--token-file`` over TCP). ``--json`` prints what the API
 returned; without it, a table or a sentence for people.
@@ -145,6 +145,16 @@ def api_failover(args: argparse.Namespace) -> int:
     with client(args) as c:
         r = c.post(f"/v1/protections/{args.name}/failover", {"force": args.force})
     _out(args, r, f"{args.name}: failover requested")
+    return 0
+
+
+def api_switchover(args: argparse.Namespace) -> int:
+    with client(args) as c:
+        p = c.post(f"/v1/protections/{args.name}/switchover")
+    pause = p.get("live", {}).get("switchover_pause_ms")
+    paused = f", the guest paused {pause:.0f} ms" if isinstance(pause, int | float) else ""
+    _out(args, p, f"{p['name']}: switched over to {p['peer']}{paused}; this host becomes its "
+         "secondary")  # fmt: skip
     return 0
 
 

@@ -24,6 +24,7 @@ from .apicmds import (
     api_pause,
     api_protect,
     api_status,
+    api_switchover,
     api_unprotect,
     run_api,
     status_table,
@@ -367,7 +368,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _signal_protection(args: argparse.Namespace, role: Role, sig: int) -> ProtectionStatus:
     for st in _statuses(args):
-        if st.role is role and st.state not in (State.STOPPED, State.FAILED_OVER):
+        if st.role is role and st.state not in (
+            State.STOPPED,
+            State.FAILED_OVER,
+            State.SWITCHED_OVER,
+        ):
             os.kill(st.pid, sig)
             return st
     raise HypervisorError(f"no running {role.value} protection of {args.name!r} on this host")
@@ -498,6 +503,15 @@ def build_parser() -> argparse.ArgumentParser:
     fo.add_argument("--local", action="store_true", help=local_help)
     add_client_options(fo)
     fo.set_defaults(func=cmd_failover)
+    so = sub.add_parser(
+        "switchover",
+        help="on the primary: a planned swap of roles through remusd (a last checkpoint, "
+        "its ACK, the secondary resumes the guest, this host becomes its secondary)",
+    )
+    so.add_argument("name")
+    so.add_argument("--json", action="store_true")
+    add_client_options(so)
+    so.set_defaults(func=lambda a: run_api(api_switchover, a))
     up = sub.add_parser("unprotect", help="on the primary: end replication")
     up.add_argument("name")
     up.add_argument("--json", action="store_true")

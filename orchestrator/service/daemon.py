@@ -154,7 +154,9 @@ PROTECTION_SCHEMA: Final = {
             "error; under a lease also fenced (the guest paused here: the lease could not "
             "be confirmed), unprotected (the guest runs here holding the lease, nothing "
             "replicates it) and taken-over (another host runs the guest: ours was "
-            "destroyed); reason says why",
+            "destroyed); after a planned switchover switched-over on the old primary "
+            "(the peer runs the guest, ours was destroyed, this host becomes its "
+            "secondary); reason says why",
         },
         "checkpoints": {"type": "integer"},
         "reason": {"type": "string"},
@@ -340,11 +342,9 @@ class Service:
             spec = self._spec_of(req)
         except ApiError as exc:  # a setting the spec refuses (its reasons are in details)
             return verdict(exc.code, list((exc.details or {}).get("reasons", [])))
-        with contextlib.suppress(NotFound):
-            rec = self.registry.get(spec.name)
-            message = f"{spec.name} is already registered here as {rec.role} ({rec.desired})"
-            reason = {"check": "already_protected", "message": message}
-            return verdict("ALREADY_PROTECTED", [reason])
+        taken = self.supervisor.registered(spec.name)
+        if taken is not None:
+            return verdict("ALREADY_PROTECTED", [{"check": "already_protected", "message": taken}])
         reasons = await self.supervisor.check(spec)
         return verdict(refusal_code(reasons) if reasons else None, reasons)
 
@@ -366,14 +366,7 @@ class Service:
 
     async def h_protect(self, req: web.Request) -> web.Response:
         spec = self._spec_of(req)
-        with contextlib.suppress(NotFound):
-            rec = self.registry.get(spec.name)
-            raise ApiError(
-                409,
-                "ALREADY_PROTECTED",
-                f"{spec.name} is already registered here as {rec.role} ({rec.desired})",
-            )
-        await self.supervisor.protect(spec)
+        await self.supervisor.protect(spec)  # a failover's survivor may protect back
         return json_response(self._protection(spec.name), 201)
 
     async def h_delete(self, req: web.Request) -> web.Response:
@@ -400,6 +393,19 @@ class Service:
         self._protection(name)
         self.supervisor.failover(name, bool((req[BODY] or {}).get("force", False)))
         return json_response({"name": name, "failover": "requested"}, 202)
+
+    async def h_switchover(self, req: web.Request) -> web.Response:
+        name = req.match_info["name"]
+        self._protection(name)
+        final = await self.supervisor.switchover(name)
+        # the worker's last word: the file under its name may be the peer's protection
+        # back by now (this host's new secondary worker)
+        live = final.to_dict()
+        live.pop("pause_histogram", None)
+        view = self._protection(name)
+        return json_response(
+            {**view, "state": final.state.value, "reason": final.reason, "live": live}
+        )
 
     async def h_events(self, req: web.Request) -> web.Response:
         query = req[QUERY]
@@ -514,6 +520,23 @@ class Service:
                 request_schema=FAILOVER_SCHEMA,
                 status=202,
                 errors=[*name_404, (409, "NOT_SECONDARY"), (409, "PRIMARY_ALIVE")],
+            ),
+            Route(
+                "POST",
+                "/v1/protections/{name}/switchover",
+                self.h_switchover,
+                summary="On the primary: a planned swap of roles (a last checkpoint, its "
+                "ACK, the secondary resumes, this host becomes the secondary); answers "
+                "once the guest runs on the peer",
+                response_schema=PROTECTION_SCHEMA,
+                errors=[
+                    *name_404,
+                    (409, "WRONG_ROLE"),
+                    (409, "LINK_UNHEALTHY"),
+                    (409, "WITNESS_UNHEALTHY"),
+                    (422, "NOT_PROTECTABLE"),
+                    (502, "SWITCHOVER_FAILED"),
+                ],
             ),
             Route(
                 "GET",

@@ -125,12 +125,25 @@ COUNTERS: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
         "(its mark on the witness)",
         ("domain",),
     ),
+    "remus_switchovers_total": (
+        "Planned switchovers that handed this host's guest to its peer (which then "
+        "protects it back here)",
+        ("domain",),
+    ),
+    "remus_role_changes_total": (
+        "Times this host's role in a protection changed: the secondary that took the "
+        "guest over became the primary (protect back, switchover), or the old primary "
+        "became the secondary",
+        ("domain",),
+    ),
 }
 # counted from the events that say so, whoever acted (worker, guard, remusd)
 EVENT_COUNTERS: Final = {
     "fenced": "remus_witness_fenced_total",
     "lease-lost": "remus_witness_lease_lost_total",
     "taken-over": "remus_witness_taken_over_total",
+    "switched-over": "remus_switchovers_total",
+    "role-changed": "remus_role_changes_total",
 }
 # remus_colo_checkpoints_total's reason label, and the figure it counts
 COLO_REASONS: Final[tuple[tuple[str, Callable[[ColoFigures], int | None]], ...]] = (

@@ -47,7 +47,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -59,6 +59,7 @@ from ..protection.host import (
     link_of,
     preflight,
     rescue_domain,
+    return_address,
     sim_host_dir,
 )
 from ..protection.lease import primary_witness
@@ -73,7 +74,7 @@ from ..protection.rescue import (
 )
 from ..protection.session import ReplicationError
 from ..protection.spec import Mode, ProtectionSpec, SpecError
-from ..protection.status import ProtectionStatus, Role, State
+from ..protection.status import ProtectionStatus, Role, State, switchover_request
 from .config import Config, parse_hostport
 from .http import ApiError
 from .registry import NotFound, ProtectionRecord, Registry
@@ -99,7 +100,13 @@ CODES: Final = {
     "WRONG_ROLE": 409,
     "NOT_SECONDARY": 409,
     "PRIMARY_ALIVE": 409,
+    # a switchover refused: replication or the lease is not in a state to hand over
+    "LINK_UNHEALTHY": 409,
+    "WITNESS_UNHEALTHY": 409,
+    "SWITCHOVER_FAILED": 502,
 }
+# how long POST .../switchover waits for the worker's end, past the takeover window
+SWITCHOVER_WAIT_S: Final = 10.0
 
 
 class ProtectError(ApiError):
@@ -122,6 +129,15 @@ class Worker:
     proc: subprocess.Popen[bytes] | None = None
     last_state: str = ""
     last_lease: str | None = None
+    # its last status document seen: once a switchover has made this host the
+    # secondary, the file under the guest's name is the new secondary worker's
+    final: ProtectionStatus | None = None
+
+    def seen(self, st: ProtectionStatus | None) -> ProtectionStatus | None:
+        """``st`` if it is this worker's document, else the last one that was."""
+        if st is not None and st.pid == self.pid:
+            self.final = st
+        return self.final
 
     def alive(self) -> bool:
         if self.proc is not None:
@@ -281,9 +297,40 @@ class Supervisor:
         """The pre-flight of a protection, as `protect` runs it, acting on nothing."""
         return _reasons(await preflight(self.hv, spec))
 
+    def registered(self, name: str) -> str | None:
+        """Why ``name`` cannot be protected anew here for its record (None: it can be,
+        because there is none, or because it is the secondary that took the guest over
+        and so runs it now: protect back)."""
+        try:
+            rec = self.registry.get(name)
+        except NotFound:
+            return None
+        if self._protects_back(rec):
+            return None
+        return f"{name} is already registered here as {rec.role} ({rec.desired})"
+
+    def _protects_back(self, rec: ProtectionRecord) -> bool:
+        w = self.workers.get(rec.name)
+        return (
+            rec.role == Role.SECONDARY.value
+            and rec.last_state == State.FAILED_OVER.value
+            and (w is None or not w.alive())
+        )
+
     async def protect(self, spec: ProtectionSpec) -> None:
+        w = self.workers.get(spec.name)
+        st = w.seen(self.read_status(spec.name)) if w is not None else None
+        if w is not None and w.role is Role.SECONDARY and st and st.state is State.FAILED_OVER:
+            # the guest runs here; its worker is letting the lease go and exits
+            deadline = time.monotonic() + 10
+            while w.alive() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            self._poll_one(spec.name)
         if spec.name in self.workers and self.workers[spec.name].alive():
             raise ProtectError("ALREADY_PROTECTED", f"{spec.name} is already protected")
+        taken = self.registered(spec.name)
+        if taken is not None:
+            raise ProtectError("ALREADY_PROTECTED", taken)
         if spec.name in self.rescues:
             raise ProtectError(
                 "ALREADY_PROTECTED",
@@ -294,12 +341,37 @@ class Supervisor:
         if reasons:
             code = refusal_code(reasons)
             raise ProtectError(code, "; ".join(r["message"] for r in reasons), reasons)
-        self.registry.add_protection(
-            name=spec.name, role="primary", peer=spec.peer, mode=spec.mode.value, spec=spec
-        )
+        try:
+            rec = self.registry.get(spec.name)
+        except NotFound:
+            self.registry.add_protection(
+                name=spec.name, role="primary", peer=spec.peer, mode=spec.mode.value, spec=spec
+            )
+        else:  # registered() let it through: the survivor of a failover protects back
+            self._become_primary(rec, spec, "protected back after a failover")
         what = " with COLO (the disk is not replicated)" if spec.mode is Mode.COLO else ""
         self.emit("protected", f"protecting to {spec.peer}{what}", spec.name, spec.to_dict())
         await self._spawn_primary(spec)
+
+    def _become_primary(self, rec: ProtectionRecord, spec: ProtectionSpec, why: str) -> None:
+        """The secondary's record becomes the primary's: the guest runs here now (a
+        failover, or a switchover), and is protected back to ``spec.peer``."""
+        self.registry.remove(rec.name)
+        self.registry.add_protection(
+            name=rec.name,
+            role="primary",
+            peer=spec.peer,
+            mode=spec.mode.value,
+            spec=spec,
+            reason=why,
+        )
+        self.gone.discard(rec.name)
+        self.emit(
+            "role-changed",
+            f"now the primary ({why}): protecting back to {spec.peer}",
+            rec.name,
+            {"role": Role.PRIMARY.value, "was": rec.role, "peer": spec.peer},
+        )
 
     async def _spawn_primary(self, spec: ProtectionSpec) -> None:
         argv = [*self._worker_base(), "primary", "--spec", spec.to_json()]
@@ -394,6 +466,93 @@ class Supervisor:
         self.emit("resumed-replication", "replication resumed (full resynchronisation)", name, None)
         await self._spawn_primary(spec)
 
+    async def switchover(self, name: str) -> ProtectionStatus:
+        """A planned swap of roles: the primary's worker takes a last checkpoint, waits
+        for its ACK with the guest suspended and its output released, lets the lease
+        go; the secondary takes over from that checkpoint, and its host protects the
+        guest back here. Refused unless replication and the lease are healthy; answers
+        once the worker has ended (its final status), or with why it did not hand over.
+        """
+        rec = self.registry.get(name)
+        if rec.role != Role.PRIMARY.value:
+            raise ProtectError(
+                "WRONG_ROLE", f"{name} is the secondary here: switch over on its primary"
+            )
+        spec = self._spec_of(rec)
+        w, st = self.workers.get(name), self.read_status(name)
+        if w is None or not w.alive() or st is None:
+            raise ProtectError("LINK_UNHEALTHY", f"{name} is {rec.last_state}, not replicating")
+        self._switchover_healthy(spec, st)
+        host = parse_hostport("replication.listen", self.cfg.replication.listen)
+        assert host is not None
+        back = replace(
+            spec,
+            peer=return_address(host[0], self.replication_port, spec),
+            ssh="",
+            insecure_link=self.cfg.replication.insecure,  # our endpoint's mode
+        )
+        switchover_request(self.status_dir, name).write_text(back.to_json())
+        os.kill(w.pid, signal.SIGUSR2)
+        self.emit(
+            "switchover-requested",
+            f"switching over to {spec.peer or spec.ssh}, then protected back to {back.peer}",
+            name,
+            None,
+        )
+        deadline = (
+            time.monotonic()
+            + spec.interval_s
+            + spec.ack_timeout_s
+            + spec.takeover_window_s
+            + SWITCHOVER_WAIT_S
+        )
+        while w.alive() and time.monotonic() < deadline:
+            w.seen(self.read_status(name))
+            await asyncio.sleep(0.05)
+        final = w.seen(self.read_status(name))  # its last word, before the peer's
+        self._poll_one(name)
+        if final is None or final.state is not State.SWITCHED_OVER:
+            said = final.reason if final is not None else "the worker said nothing"
+            raise ProtectError("SWITCHOVER_FAILED", f"{name} did not switch over: {said}")
+        return final
+
+    @staticmethod
+    @staticmethod
+    def _switchover_healthy(spec: ProtectionSpec, st: ProtectionStatus) -> None:
+        """A switchover hands the guest to a secondary that is in step with it, under a
+        lease that can be handed over: or it is refused, saying which is not (the
+        witness first: a primary that loses its lease goes on to fence itself)."""
+        valid = st.lease_valid_for_s
+        # held and renewed: an uncertain lease (a renewal failed) is valid still, but a
+        # secondary would not get it from a witness that does not answer us
+        if st.witness and (
+            st.lease != LEASE_VALID[0]
+            or (valid is not None and valid < spec.lease_release_margin_s)
+        ):
+            raise ProtectError(
+                "WITNESS_UNHEALTHY",
+                f"the lease on {redact_url(st.witness)} is {st.lease}"
+                + (f", valid for {valid:g} s" if valid is not None else "")
+                + ": it cannot be handed over",
+            )
+        if st.state is not State.REPLICATING:
+            raise ProtectError(
+                "LINK_UNHEALTHY", f"{spec.name} is {st.state.value}, not replicating"
+            )
+        # in step: ACKed checkpoints keep coming (COLO checkpoints when the copies
+        # diverge, and at least every max interval). A stall of a second already means
+        # the last epoch could keep the guest suspended for as long as an ACK may take
+        age = st.last_checkpoint_age_s
+        every = spec.checkpoint_max_interval_s if spec.mode is Mode.COLO else spec.interval_s
+        bound = 2 * every + min(spec.ack_timeout_s, 1.0)
+        if age is None or age > bound:
+            raise ProtectError(
+                "LINK_UNHEALTHY",
+                f"the last checkpoint of {spec.name} was ACKed "
+                f"{'never' if age is None else f'{age:.3g} s ago'} (bound {bound:g} s): "
+                "the link is not healthy",
+            )
+
     def failover(self, name: str, force: bool) -> None:
         rec = self.registry.get(name)
         st = self.read_status(name)
@@ -453,7 +612,15 @@ class Supervisor:
 
     def _adopt_secondary(self, name: str, st: ProtectionStatus) -> None:
         with contextlib.suppress(NotFound):
+            was = self.registry.get(name)
             self.registry.remove(name)  # a previous protection of the same domain
+            if was.role == Role.PRIMARY.value:  # protected back here, or switched over
+                self.emit(
+                    "role-changed",
+                    f"now the secondary of {st.peer or 'the peer'} (this host was the primary)",
+                    name,
+                    {"role": Role.SECONDARY.value, "was": was.role, "peer": st.peer},
+                )
         self.gone.discard(name)
         # the secondary learns COLO from the primary's HELLO, so only its worker knows
         self.registry.add_protection(
@@ -467,7 +634,7 @@ class Supervisor:
             if w is not None and not w.alive():
                 self.workers.pop(name, None)
             return
-        st = self.read_status(name)
+        st = w.seen(self.read_status(name))
         state = st.state.value if st is not None else State.STARTING.value
         alive = w.alive()
         if not alive and state in LIVE_STATES:
@@ -533,6 +700,8 @@ class Supervisor:
             rec = self.registry.get(name)
         except NotFound:
             return
+        if st is not None and self._roles_swapped(rec, st):
+            return
         if rec.role != Role.PRIMARY.value or rec.desired != "protected":
             return
         crashed = state == "error"
@@ -547,6 +716,34 @@ class Supervisor:
         if not witness and st is not None and (crashed or st.checkpoints > 0):
             self._two_copies_possible(name, reason)
         self._retry_later(name, reason)
+
+    def _roles_swapped(self, rec: ProtectionRecord, st: ProtectionStatus) -> bool:
+        """A switchover's end on either side. The old primary's copy is gone: nothing
+        is restarted here, and the peer's protection back makes this host its
+        secondary. The secondary runs the guest now: its host becomes the primary and
+        protects the guest back with the document the old primary sent."""
+        if rec.role == Role.PRIMARY.value and st.state is State.SWITCHED_OVER:
+            self.registry.set_desired(rec.name, "unprotected")
+            self.emit(
+                "switched-over",
+                f"{st.reason}; this host becomes its secondary",
+                rec.name,
+                {"peer": rec.peer, "pause_ms": st.switchover_pause_ms},
+            )
+            return True
+        if rec.role != Role.SECONDARY.value or st.state is not State.FAILED_OVER:
+            return False
+        if not st.protect_back:
+            return False
+        try:
+            back = ProtectionSpec.from_json(st.protect_back)
+        except SpecError as exc:
+            self.emit("error", f"the switchover's protect-back settings do not read: {exc}",
+                      rec.name, None)  # fmt: skip
+            return True
+        self._become_primary(rec, back, f"switchover from {st.peer or back.peer}")
+        self._restart_at[rec.name] = time.monotonic()  # spawned by _restart_due
+        return True
 
     def _retry_later(self, name: str, reason: str) -> None:
         delay = min(60.0, self._backoff.get(name, 0.5) * 2)

@@ -243,7 +243,7 @@ def test_every_family_named_typed_and_helped_in_order() -> None:
         "remus_witness_lease_held",
         "remus_witness_lease_valid_seconds", "remus_witness_lease_state", "remus_witness_info",
         "remus_unprotected", "remus_witness_fenced_total", "remus_witness_lease_lost_total",
-        "remus_witness_taken_over_total",
+        "remus_witness_taken_over_total", "remus_switchovers_total", "remus_role_changes_total",
     ]  # fmt: skip
     for name, fam in families.items():
         want = "counter" if name in COUNTERS else "gauge"
