@@ -447,3 +447,55 @@ def test_the_example_playbook_protects_each_hosts_domains_to_its_peer(
     assert stop["task"] == "Stop on a domain that cannot be", stop  # on xen-a only
     assert names(a) == ["db", "web"]  # the secondary of db, and web: nothing new
     assert doc(a, "web")["live"]["pid"] == web["live"]["pid"]  # type: ignore[index]
+
+
+def test_switch_over_and_back_and_protect_back_after_a_failover(
+    pair: tuple[Remusd, Remusd], ansible: Ansible
+) -> None:
+    """state: switched_over against the primary's remusd, twice (the second changes
+    nothing), then against the other host's to switch back; after a failover, present
+    on the survivor protects the guest back to the old primary."""
+    a, b = pair
+    a.hv.create_domain("vm1", memory_mib=16)
+    on_a, on_b = {"socket": str(a.socket)}, {"socket": str(b.socket)}
+
+    def task(state: str, _as: str = "vm1", **extra: Any) -> list[dict[str, Any]]:
+        body = {"name": "vm1", "state": state, **extra}
+        return [{"name": _as, "xenha.remus.protection": body, "register": "out"}]
+
+    ok(ansible.play(task("present", peer=f"127.0.0.1:{b.port}", interval_ms=50),
+                    module_defaults=on_a))  # fmt: skip
+    wait(lambda: (doc(a, "vm1") or {}).get("checkpoints", 0) >= 3, what="checkpoints")
+    r = ok(ansible.play(task("switched_over", _as="switch") + task("switched_over"),
+                        module_defaults=on_a))  # fmt: skip
+    res = r.result("switch")
+    assert res["changed"] is True and res["actions"] == ["switchover"], res
+    assert isinstance(res["switchover_pause_ms"], float), res
+    assert r.result("vm1")["changed"] is False
+    here, there = doc(a, "vm1"), doc(b, "vm1")
+    assert here is not None and here["role"] == "secondary", here
+    assert there is not None and there["role"] == "primary", there
+    assert b.hv.lookup("vm1").state == "running"
+    assert "switched-over" in event_kinds(a, "vm1") and "role-changed" in event_kinds(b, "vm1")
+
+    wait(lambda: (doc(b, "vm1") or {}).get("state") == "replicating", what="protected back")
+    r = ok(ansible.play(task("switched_over", _as="back"), module_defaults=on_b))
+    assert r.result("back")["changed"] is True
+    assert doc(a, "vm1")["role"] == "primary" and doc(b, "vm1")["role"] == "secondary"  # type: ignore[index]
+    assert a.hv.lookup("vm1").state == "running"
+
+    # the primary's worker dies and its host's remusd with it: b takes over, and once
+    # a's remusd is back (and has dropped its copy), present on b protects it back
+    wait(lambda: (doc(a, "vm1") or {}).get("state") == "replicating", what="replicating")
+    a.stop(signal.SIGKILL)
+    for pid in _workers(a.base):
+        os.kill(pid, signal.SIGKILL)
+    wait(lambda: (doc(b, "vm1") or {}).get("state") == "failed-over", what="the failover")
+    a.start()
+    wait(lambda: [d for d in a.hv.list_domains() if d.name == "vm1"] == [], what="a's copy")
+    r = ok(ansible.play(task("present", peer=f"127.0.0.1:{a.port}", interval_ms=50),
+                        module_defaults=on_b))  # fmt: skip
+    assert r.result("vm1")["actions"] == ["protect"], r.result("vm1")
+    got = doc(b, "vm1")
+    assert got is not None and (got["role"], got["state"]) == ("primary", "replicating"), got
+    assert doc(a, "vm1")["role"] == "secondary"  # type: ignore[index]

@@ -80,6 +80,19 @@ def test_the_settings_are_those_the_api_takes_with_their_types_and_choices() -> 
         ("failed_over", secondary(), {}, False, ["failover"]),
         ("failed_over", secondary("failing-over"), {}, False, []),
         ("failed_over", secondary("failed-over"), {}, False, []),
+        # the survivor of a failover protects the guest back to the old primary
+        ("present", secondary("failed-over"), {"peer": "old:8002"}, False, ["protect"]),
+        ("switched_over", primary(), {}, False, ["switchover"]),
+        ("switched_over", primary(), {"interval_ms": 50}, False, ["switchover"]),  # moot
+        # not replicating: asked all the same, remusd refuses it with its code (LINK_UNHEALTHY)
+        ("switched_over", primary(state="starting"), {}, False, ["switchover"]),
+        ("switched_over", primary("paused", "paused"), {}, False, ["switchover"]),
+        # handed over, the peer not yet protecting it back: done, waited for
+        ("switched_over", primary("unprotected", "switched-over"), {}, False, []),
+        # the second run: this host is the secondary already
+        ("switched_over", secondary("starting"), {}, False, []),
+        ("switched_over", secondary(), {}, False, []),
+        ("switched_over", secondary("stopped"), {}, False, []),  # the wait says it ended
     ],
 )
 def test_plan(state: str, doc: Any, wanted: dict, recreate: bool, actions: list[str]) -> None:
@@ -97,9 +110,14 @@ def test_plan(state: str, doc: Any, wanted: dict, recreate: bool, actions: list[
         ("present", primary("unprotected", "taken-over"), {}, "has ended"),
         ("present", secondary(), {}, "is the secondary here"),
         ("absent", secondary("failed-over"), {}, "unprotect it on the primary"),
+        ("present", secondary("failed-over"), {}, "give peer (the old primary)"),
+        ("paused", secondary("failed-over"), {"peer": "old:8002"}, "is the secondary here"),
         ("failed_over", None, {}, "secondary's host"),
         ("failed_over", primary(), {}, "is the primary here"),
         ("failed_over", secondary("stopped"), {}, "no copy left"),
+        ("switched_over", None, {}, "the remusd of the primary's host"),
+        ("switched_over", secondary("failing-over"), {}, "failed over to this host"),
+        ("switched_over", secondary("failed-over"), {}, "failed over to this host"),
     ],
 )
 def test_what_cannot_be_done_says_why(state: str, doc: Any, wanted: dict, says: str) -> None:
@@ -133,6 +151,46 @@ def test_current_state_and_when_a_state_is_reached() -> None:
     assert "did not take over" in ps.reached("failed_over", secondary("stopped"))[1]
 
 
+@pytest.mark.parametrize(
+    ("doc", "done", "says"),
+    [
+        (secondary("starting"), True, None),  # protected back to this host
+        (secondary(), True, None),
+        (primary("unprotected", "switched-over"), False, None),  # not yet: wait on
+        (primary(), False, "it did not switch over: replicating"),
+        (secondary("stopped"), False, "the protection back to this host is stopped"),
+        (secondary("failed-over"), False, "the protection back to this host is failed-over"),
+        (None, False, "the protection is gone"),
+    ],
+)
+def test_when_a_switchover_is_reached(doc: Any, done: bool, says: Any) -> None:
+    assert ps.reached("switched_over", doc) == (done, says)
+
+
+def held(lease: Any) -> dict:
+    return dict(primary(), witness={"url": "file:///w", "lease": lease, "holder": "worker"})
+
+
+@pytest.mark.parametrize(
+    ("doc", "code", "says"),
+    [
+        (primary(), None, None),
+        (held("held"), None, None),
+        (held("uncertain"), None, None),  # still valid: remusd hands it over
+        (primary("paused", "paused"), "LINK_UNHEALTHY", "vm1 is paused, not replicating"),
+        (primary(state="error"), "LINK_UNHEALTHY", "vm1 is error, not replicating"),
+        (held("expired"), "WITNESS_UNHEALTHY", "the lease of vm1 is expired: it cannot be"),
+        (held(None), "WITNESS_UNHEALTHY", "the lease of vm1 is not held"),
+    ],
+)
+def test_check_mode_predicts_a_refused_switchover(doc: dict, code: Any, says: Any) -> None:
+    refusal = ps.switchover_refusal(doc)
+    if code is None:
+        assert refusal is None
+    else:
+        assert refusal[0] == code and refusal[1].startswith(says)
+
+
 def test_unsafe_switches_need_unsafe() -> None:
     assert ps.unsafe_problem({"no_netbuf": True, "unsafe": True}) is None
     assert ps.unsafe_problem({"no_netbuf": False}) is None
@@ -148,4 +206,6 @@ def test_check_mode_predicts_the_view() -> None:
     after = ps.wanted_view("paused", "vm1", primary(), {})
     assert after["state"] == "paused" and after["settings"]["interval_ms"] == 200
     assert ps.wanted_view("failed_over", "vm1", secondary(), {})["state"] == "failed_over"
+    # as the view shows this host once the peer protected it back
+    assert ps.wanted_view("switched_over", "vm1", primary(), {}) == ps.view(secondary())
     assert ps.view(primary())["state"] == "present" and ps.view(None) == {}

@@ -11,8 +11,8 @@ Nothing here imports Ansible or talks to remusd, so it is tested on its own.
 A protection's document is remusd's ``GET /v1/protections/{name}``: ``role`` (primary
 or secondary), ``desired`` (protected, paused, unprotected), ``state`` (starting,
 replicating, failing-over, failed-over, stopped, error, paused, fenced, unprotected,
-taken-over), ``reason``, ``peer`` and ``settings`` (the body that would protect it
-the same way again; empty on a secondary).
+taken-over, switched-over), ``reason``, ``peer`` and ``settings`` (the body that would
+protect it the same way again; empty on a secondary).
 """
 
 from __future__ import absolute_import, division, print_function
@@ -48,10 +48,18 @@ MODES = ("remus", "colo")
 NETBUFS = ("auto", "plug", "nfqueue", "proxy")
 NO_WITNESS = "none"
 
-STATES = ("present", "absent", "paused", "failed_over")
+STATES = ("present", "absent", "paused", "failed_over", "switched_over")
 
 # a secondary's states after which it replicates no more (its worker has exited)
 SECONDARY_ENDED = ("stopped", "error")
+# a secondary's states once it takes the domain over (a failover to this host)
+SECONDARY_TAKING_OVER = ("failing-over", "failed-over")
+# an old primary's state once its switchover handed the domain to the peer (its record
+# stays a primary's until the peer protects the domain back, then it is a secondary's)
+SWITCHED_OVER = "switched-over"
+# the lease states remusd hands over in a switchover (held, or a renewal failed but the
+# lease is still valid)
+LEASE_HANDED_OVER = ("held", "uncertain")
 
 
 class PlanError(Exception):
@@ -144,11 +152,21 @@ def _changes_text(changes):
 
 def plan(state, name, doc, wanted, recreate=False):
     """The requests (in order) that take protection ``name`` from ``doc`` to ``state``:
-    a list of protect, resume, pause, unprotect, failover. Raises :class:`PlanError`
-    when remusd's API cannot get there from here."""
+    a list of protect, resume, pause, unprotect, failover, switchover. Raises
+    :class:`PlanError` when remusd's API cannot get there from here."""
     here = current_state(doc)
     if state == "failed_over":
         return _plan_failover(name, doc, here)
+    if state == "switched_over":
+        return _plan_switchover(name, doc)
+    if here == "failed_over" and state == "present":
+        # the guest runs here since the failover: protect it back to the old host
+        if not wanted.get("peer") and not wanted.get("ssh"):
+            raise PlanError(
+                "%s took the guest over here: give peer (the old primary) to protect it "
+                "back" % name
+            )
+        return ["protect"]
     if here in ("secondary", "failed_over"):
         if state == "absent":
             raise PlanError(
@@ -213,6 +231,46 @@ def _plan_failover(name, doc, here):
     return ["failover"]
 
 
+def _plan_switchover(name, doc):
+    """A switchover runs against the primary's remusd, and this host is the secondary
+    once done: a secondary here has switched over already (the task's second run). A
+    primary is asked whatever its state: remusd refuses one that cannot hand over
+    (LINK_UNHEALTHY, WITNESS_UNHEALTHY) with its own code and message."""
+    if doc is None:
+        raise PlanError(
+            "no protection of %s on this host: state switched_over runs against the remusd "
+            "of the primary's host (the host that runs the domain)" % name
+        )
+    st = doc.get("state")
+    if doc.get("role") == "secondary":
+        if st in SECONDARY_TAKING_OVER:
+            raise PlanError(
+                "%s was failed over to this host (%s), which runs it now: state "
+                "switched_over runs against the primary's remusd" % (name, _describe(doc))
+            )
+        return []
+    if st == SWITCHED_OVER:
+        return []  # handed over already; the peer protects it back to this host
+    return ["switchover"]
+
+
+def switchover_refusal(doc):
+    """(code, message) remusd would refuse a switchover of the primary ``doc`` with, as
+    far as its document tells (the replication's state, the lease), or None. Check
+    mode's prediction only: otherwise remusd's own answer decides."""
+    name = doc.get("name")
+    if doc.get("state") != "replicating":
+        return "LINK_UNHEALTHY", "%s is %s, not replicating" % (name, _describe(doc))
+    witness = doc.get("witness")
+    if isinstance(witness, dict) and witness.get("lease") not in LEASE_HANDED_OVER:
+        return (
+            "WITNESS_UNHEALTHY",
+            "the lease of %s is %s: it cannot be handed over"
+            % (name, witness.get("lease") or "not held"),
+        )
+    return None
+
+
 def reached(state, doc):
     """(done, failure): whether ``doc`` is in ``state``, or why it never will be."""
     if state == "absent":
@@ -230,6 +288,14 @@ def reached(state, doc):
         if st in SECONDARY_ENDED:
             return False, "the secondary did not take over: %s" % _describe(doc)
         return st == "failed-over", None
+    if state == "switched_over":
+        if doc.get("role") != "secondary":
+            if st == SWITCHED_OVER:
+                return False, None  # the peer protects it back to this host
+            return False, "it did not switch over: %s" % _describe(doc)
+        if st in SECONDARY_ENDED or st in SECONDARY_TAKING_OVER:
+            return False, "the protection back to this host is %s" % _describe(doc)
+        return True, None
     raise ValueError("unknown state %r" % state)
 
 
@@ -239,6 +305,8 @@ def wanted_view(state, name, before, wanted):
         return {}
     if state == "failed_over":  # a secondary has no settings of its own to change
         return dict(view(before), state=state)
+    if state == "switched_over":  # the peer's secondary, protected back to this host
+        return {"state": "secondary", "role": "secondary", "settings": {}}
     settings = dict((before or {}).get("settings") or {})
     settings.update(wanted)
     settings["name"] = name

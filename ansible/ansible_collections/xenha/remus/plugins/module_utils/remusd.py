@@ -106,8 +106,9 @@ class RemusdClient:
             self.base = "http://localhost"
             self.where = self.socket_path
 
-    def request(self, method, path, body=None):
-        """``method`` on ``path``; the parsed JSON answer (None for an empty one)."""
+    def request(self, method, path, body=None, timeout=None):
+        """``method`` on ``path``; the parsed JSON answer (None for an empty one).
+        ``timeout``: seconds it may take, if not the client's own."""
         headers = {"Accept": "application/json"}
         data = None
         if body is not None:
@@ -121,7 +122,7 @@ class RemusdClient:
                 data=data,
                 headers=headers,
                 method=method,
-                timeout=self.timeout,
+                timeout=self.timeout if timeout is None else timeout,
                 validate_certs=self.validate_certs,
                 ca_path=self.ca_path,
                 unix_socket=self.socket_path,
@@ -203,6 +204,14 @@ class RemusdClient:
     def failover(self, name, force=False):
         return self.request(
             "POST", "/v1/protections/%s/failover" % quote(name, safe=""), {"force": bool(force)}
+        )
+
+    def switchover(self, name, timeout=None):
+        """A planned swap of roles, on the primary's remusd: answers once done (the
+        protection's document, its state switched-over), which can take longer than
+        other requests (``timeout``)."""
+        return self.request(
+            "POST", "/v1/protections/%s/switchover" % quote(name, safe=""), timeout=timeout
         )
 
     def wait_for(self, name, done, timeout, interval=0.25, clock=time.monotonic, sleep=time.sleep):

@@ -11,14 +11,15 @@ __metaclass__ = type
 DOCUMENTATION = r"""
 ---
 module: protection
-short_description: Protect, pause, fail over and unprotect a Xen domain with remusd
+short_description: Protect, pause, fail over, switch over and unprotect a Xen domain with remusd
 version_added: 0.1.0
 description:
   - Drives one protection of remusd (Remus or COLO high availability for a Xen domain)
     through remusd's HTTP API, on the host whose remusd is reached
     (I(socket), or I(url) with a token).
-  - C(present) and C(paused) and C(absent) run against the primary's remusd (the host
-    that runs the domain); C(failed_over) runs against the secondary's remusd.
+  - C(present), C(paused), C(absent) and C(switched_over) run against the primary's
+    remusd (the host that runs the domain); C(failed_over) runs against the secondary's
+    remusd.
   - Idempotent; supports check mode and diff mode (the protection's state and settings
     before and after).
   - Waits until the protection is in the state asked for (I(wait), I(timeout)) and
@@ -41,7 +42,10 @@ options:
   state:
     description:
       - C(present), the domain is protected and replicating to I(peer) (a paused
-        protection is resumed, which resynchronises it in full).
+        protection is resumed, which resynchronises it in full). Run against the
+        remusd of a secondary that took the domain over (C(failed-over)), it protects
+        the domain back to I(peer), the old primary, from a full first copy, once that
+        host has dropped its stale copy.
       - C(paused), replication is stopped and the protection kept, to be resumed with
         C(present). Only an existing protection can be paused.
       - C(absent), the domain is not protected (it runs on here); the secondary drops
@@ -50,8 +54,18 @@ options:
         from its last complete checkpoint and runs the domain. Under a witness it takes
         over only holding the protection's lease, which a primary that runs on still
         holds; see I(force).
+      - C(switched_over), run against the remusd of the host that is the B(primary)
+        before the switchover, a planned swap of roles; the domain must be replicating
+        (and its lease held, under a witness). The primary takes a last checkpoint with
+        the domain paused, the peer runs the domain from it and protects it back to
+        this host, which becomes its secondary. A host that is the secondary of the
+        protection already is left as it is (the switchover was done), so the task's
+        second run changes nothing; to switch back, run the task against the other
+        host's remusd. A primary that cannot switch over fails with remusd's code
+        (C(LINK_UNHEALTHY), C(WITNESS_UNHEALTHY), C(SWITCHOVER_FAILED)); the settings
+        options are not used.
     type: str
-    choices: [present, absent, paused, failed_over]
+    choices: [present, absent, paused, failed_over, switched_over]
     default: present
   recreate:
     description:
@@ -70,17 +84,28 @@ options:
   wait:
     description:
       - Wait until the protection is in the state asked for (C(replicating) for
-        C(present), C(paused), C(failed-over), gone for C(absent)).
+        C(present), C(paused), C(failed-over), gone for C(absent), and for
+        C(switched_over) this host the secondary, the peer having protected the domain
+        back to it).
+      - Without it, C(switched_over) still returns only once the switchover is done
+        (remusd answers its request then), before the peer protects the domain back.
     type: bool
     default: true
   timeout:
     description:
       - Seconds to wait for the state with I(wait).
+      - With I(state=switched_over), also the seconds the switchover's request may take
+        when that is longer than I(request_timeout) (remusd answers it once done, which
+        can take the takeover window of the lease and more).
     type: int
     default: 120
 attributes:
   check_mode:
-    description: Reports what would change (I(actions), and the diff) and changes nothing.
+    description:
+      - Reports what would change (I(actions), and the diff) and changes nothing.
+      - With I(state=switched_over), a primary that is not replicating, or whose lease is
+        not held, fails as remusd would refuse it (its code); remusd's other checks (the
+        age of the last checkpoint) are made only by the switchover itself.
     support: full
   diff_mode:
     description: The protection's state and settings before and after.
@@ -136,6 +161,24 @@ EXAMPLES = r"""
     force: true
   delegate_to: xen-b
 
+- name: Planned maintenance of xen-a, switch vm1 over to xen-b (run on xen-a, its primary)
+  xenha.remus.protection:
+    name: vm1
+    state: switched_over
+    timeout: 180
+  delegate_to: xen-a
+  register: switched
+
+- name: Say how long vm1 was paused
+  ansible.builtin.debug:
+    msg: "vm1 runs on xen-b, paused {{ switched.switchover_pause_ms }} ms"
+
+- name: Maintenance done, switch vm1 back to xen-a (run on xen-b, its primary now)
+  xenha.remus.protection:
+    name: vm1
+    state: switched_over
+  delegate_to: xen-b
+
 - name: Unprotect vm1 through remusd's HTTPS listener
   xenha.remus.protection:
     name: vm1
@@ -149,7 +192,8 @@ RETURN = r"""
 actions:
   description:
     - The requests made to remusd, in order (in check mode, the ones that would be
-      made), each one of C(protect), C(resume), C(pause), C(unprotect), C(failover).
+      made), each one of C(protect), C(resume), C(pause), C(unprotect), C(failover),
+      C(switchover).
   returned: always
   type: list
   elements: str
@@ -158,6 +202,8 @@ protection:
   description:
     - The protection as remusd reports it (C(GET /v1/protections/{name})) once the state
       was reached (in check mode, as it was); null when there is none.
+    - With I(state=switched_over) and I(wait), this host's record as the peer's secondary;
+      without I(wait), remusd's answer to the switchover (its state C(switched-over)).
   returned: always
   type: dict
   contains:
@@ -184,7 +230,8 @@ protection:
     state:
       description:
         - starting, replicating, failing-over, failed-over, stopped, error, paused; under
-          a lease also fenced, unprotected and taken-over. I(reason) says why.
+          a lease also fenced, unprotected and taken-over; switched-over on the old primary
+          after a switchover, until it is the peer's secondary. I(reason) says why.
       type: str
       sample: replicating
     reason:
@@ -223,8 +270,19 @@ protection:
     state: replicating
     reason: ""
     checkpoints: 42
+switchover_pause_ms:
+  description:
+    - How long the domain was paused by the switchover this task made, in milliseconds
+      (remusd's C(live.switchover_pause_ms)).
+    - Null when the task made none (check mode, or this host was switched over already).
+  returned: with I(state=switched_over)
+  type: float
+  sample: 41.7
 code:
-  description: remusd's error code when it refused a request (C(NOT_PROTECTABLE), C(WRONG_ROLE), ...).
+  description:
+    - remusd's error code when it refused a request (C(NOT_PROTECTABLE), C(WRONG_ROLE),
+      C(LINK_UNHEALTHY), C(WITNESS_UNHEALTHY), C(SWITCHOVER_FAILED), ...).
+    - In check mode, the code remusd would refuse a switchover with.
   returned: failure, when remusd answered with an error
   type: str
   sample: NOT_PROTECTABLE
@@ -245,6 +303,7 @@ from ansible_collections.xenha.remus.plugins.module_utils.protection_state impor
     plan,
     reached,
     settings_argument_spec,
+    switchover_refusal,
     unsafe_problem,
     view,
     wanted_settings,
@@ -285,7 +344,25 @@ def _run(client, action, name, wanted, params):
         return client.unprotect(name)
     if action == "failover":
         return client.failover(name, params["force"])
+    if action == "switchover":
+        # answered once done: it may take longer than another request
+        return client.switchover(name, max(params["request_timeout"] or 0, params["timeout"]))
     raise AssertionError(action)
+
+
+def _not_reached(state, doc, timeout):
+    """Why the wait for ``state`` ran out (nothing said it never would)."""
+    where = (doc or {}).get("state", "gone")
+    if state == "switched_over":
+        why = (
+            "its peer runs it, but has not protected it back to this host within %d s "
+            "(it is %s here)" % (timeout, where)
+        )
+    else:
+        why = "it is %s after %d s" % (where, timeout)
+    if doc and doc.get("reason"):
+        why += " (%s)" % doc["reason"]
+    return why
 
 
 def main():
@@ -313,6 +390,8 @@ def main():
             module.fail_json(msg=problem, actions=[], protection=None)
     client = client_from_module(module)
     result = dict(changed=False, actions=[], protection=None)
+    if state == "switched_over":
+        result["switchover_pause_ms"] = None
     action = "read"
     done_actions = []
     try:
@@ -324,15 +403,28 @@ def main():
             module.fail_json(msg=str(exc), **result)
         result.update(changed=bool(actions), actions=actions)
         if module.check_mode:
+            refusal = switchover_refusal(before) if "switchover" in actions else None
+            if refusal:
+                result.update(changed=False, code=refusal[0])
+                module.fail_json(
+                    msg="remusd would refuse to switch over %s: %s" % (name, refusal[1]),
+                    **result
+                )
             if module._diff:
                 after = wanted_view(state, name, before, wanted) if actions else view(before)
                 result["diff"] = dict(before=view(before), after=after)
             module.exit_json(**result)
+        switched = None
         for action in actions:
-            _run(client, action, name, wanted, p)
+            answer = _run(client, action, name, wanted, p)
             done_actions.append(action)
+            if action == "switchover":
+                switched = answer or {}
+                live = switched.get("live") or {}
+                result["switchover_pause_ms"] = live.get("switchover_pause_ms")
         action = "read"
-        doc = client.protection(name)
+        # without wait, a switchover's own answer (this host's record follows it)
+        doc = switched if switched and not p["wait"] else client.protection(name)
         if p["wait"]:
             done, failure = reached(state, doc)
             if not done and not failure:
@@ -342,10 +434,7 @@ def main():
                 done, failure = reached(state, doc)
             result["protection"] = doc
             if failure or not done:
-                where = (doc or {}).get("state", "gone")
-                why = failure or "it is %s after %d s" % (where, p["timeout"])
-                if doc and doc.get("reason") and not failure:
-                    why += " (%s)" % doc["reason"]
+                why = failure or _not_reached(state, doc, p["timeout"])
                 module.fail_json(msg="%s did not reach %s: %s" % (name, state, why), **result)
         result["protection"] = doc
         if module._diff:
@@ -357,7 +446,7 @@ def main():
             failed["changed"] = bool(done_actions)
         if exc.reasons():
             failed["reasons"] = exc.reasons()
-        verb = "fail over" if action == "failover" else action
+        verb = {"failover": "fail over", "switchover": "switch over"}.get(action, action)
         module.fail_json(msg="remusd refused to %s %s: %s" % (verb, name, exc), **failed)
     except RemusdError as exc:
         result["changed"] = bool(done_actions)
