@@ -522,11 +522,13 @@ class SimHypervisor(Hypervisor):
             os.kill(pid, 0)
         except ProcessLookupError:
             return False
-        # a zombie of ours counts as dead
+        # a zombie counts as dead: ours is reaped here; another process's (a worker
+        # that built the copy and exited leaves it to init, which may reap it only
+        # seconds later: this machine's does) holds no memory and no socket
         with contextlib.suppress(ChildProcessError):
             if os.waitpid(pid, os.WNOHANG)[0] == pid:
                 return False
-        return True
+        return not _zombie(pid)
 
     def _signal(self, dom: SimDomain, sig: signal.Signals) -> None:
         pid = self._guest_pid(dom)
@@ -670,6 +672,15 @@ class SimHypervisor(Hypervisor):
         """One directory per machine: every simulated host here shares it, whatever
         their own directories (tooz's file driver: an fcntl lock per protection)."""
         return f"file://{default_witness_dir()}"
+
+
+def _zombie(pid: int) -> bool:
+    """The process has exited and waits to be reaped (its state in /proc is Z)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # gone meanwhile
+    return stat.rpartition(")")[2].split()[0] in ("Z", "X")
 
 
 def _stopped(pid: int) -> bool:
