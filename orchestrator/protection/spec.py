@@ -258,6 +258,12 @@ class ProtectionSpec:
     # -- seconds, for the drivers -------------------------------------------------------
 
     @property
+    def target(self) -> str:
+        """Where the guest is protected to, as people read it: the peer's address, or
+        the SSH target the receiver is started on."""
+        return self.peer or self.ssh
+
+    @property
     def interval_s(self) -> float:
         return self.interval_ms / 1e3
 

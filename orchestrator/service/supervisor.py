@@ -47,7 +47,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -59,7 +59,6 @@ from ..protection.host import (
     link_of,
     preflight,
     rescue_domain,
-    return_address,
     sim_host_dir,
 )
 from ..protection.lease import primary_witness
@@ -72,6 +71,7 @@ from ..protection.rescue import (
     lease_data,
     redact_url,
 )
+from ..protection.roles import protect_back_spec, switchover_refusal
 from ..protection.session import ReplicationError
 from ..protection.spec import Mode, ProtectionSpec, SpecError
 from ..protection.status import ProtectionStatus, Role, State, switchover_request
@@ -345,12 +345,12 @@ class Supervisor:
             rec = self.registry.get(spec.name)
         except NotFound:
             self.registry.add_protection(
-                name=spec.name, role="primary", peer=spec.peer, mode=spec.mode.value, spec=spec
+                name=spec.name, role="primary", peer=spec.target, mode=spec.mode.value, spec=spec
             )
         else:  # registered() let it through: the survivor of a failover protects back
             self._become_primary(rec, spec, "protected back after a failover")
         what = " with COLO (the disk is not replicated)" if spec.mode is Mode.COLO else ""
-        self.emit("protected", f"protecting to {spec.peer}{what}", spec.name, spec.to_dict())
+        self.emit("protected", f"protecting to {spec.target}{what}", spec.name, spec.to_dict())
         await self._spawn_primary(spec)
 
     def _become_primary(self, rec: ProtectionRecord, spec: ProtectionSpec, why: str) -> None:
@@ -482,20 +482,19 @@ class Supervisor:
         w, st = self.workers.get(name), self.read_status(name)
         if w is None or not w.alive() or st is None:
             raise ProtectError("LINK_UNHEALTHY", f"{name} is {rec.last_state}, not replicating")
-        self._switchover_healthy(spec, st)
+        refusal = switchover_refusal(spec, st)
+        if refusal is not None:
+            raise ProtectError(*refusal)
         host = parse_hostport("replication.listen", self.cfg.replication.listen)
         assert host is not None
-        back = replace(
-            spec,
-            peer=return_address(host[0], self.replication_port, spec),
-            ssh="",
-            insecure_link=self.cfg.replication.insecure,  # our endpoint's mode
+        back = protect_back_spec(
+            spec, host[0], self.replication_port, self.cfg.replication.insecure
         )
         switchover_request(self.status_dir, name).write_text(back.to_json())
         os.kill(w.pid, signal.SIGUSR2)
         self.emit(
             "switchover-requested",
-            f"switching over to {spec.peer or spec.ssh}, then protected back to {back.peer}",
+            f"switching over to {spec.target}, then protected back to {back.peer}",
             name,
             None,
         )
@@ -515,43 +514,6 @@ class Supervisor:
             said = final.reason if final is not None else "the worker said nothing"
             raise ProtectError("SWITCHOVER_FAILED", f"{name} did not switch over: {said}")
         return final
-
-    @staticmethod
-    @staticmethod
-    def _switchover_healthy(spec: ProtectionSpec, st: ProtectionStatus) -> None:
-        """A switchover hands the guest to a secondary that is in step with it, under a
-        lease that can be handed over: or it is refused, saying which is not (the
-        witness first: a primary that loses its lease goes on to fence itself)."""
-        valid = st.lease_valid_for_s
-        # held and renewed: an uncertain lease (a renewal failed) is valid still, but a
-        # secondary would not get it from a witness that does not answer us
-        if st.witness and (
-            st.lease != LEASE_VALID[0]
-            or (valid is not None and valid < spec.lease_release_margin_s)
-        ):
-            raise ProtectError(
-                "WITNESS_UNHEALTHY",
-                f"the lease on {redact_url(st.witness)} is {st.lease}"
-                + (f", valid for {valid:g} s" if valid is not None else "")
-                + ": it cannot be handed over",
-            )
-        if st.state is not State.REPLICATING:
-            raise ProtectError(
-                "LINK_UNHEALTHY", f"{spec.name} is {st.state.value}, not replicating"
-            )
-        # in step: ACKed checkpoints keep coming (COLO checkpoints when the copies
-        # diverge, and at least every max interval). A stall of a second already means
-        # the last epoch could keep the guest suspended for as long as an ACK may take
-        age = st.last_checkpoint_age_s
-        every = spec.checkpoint_max_interval_s if spec.mode is Mode.COLO else spec.interval_s
-        bound = 2 * every + min(spec.ack_timeout_s, 1.0)
-        if age is None or age > bound:
-            raise ProtectError(
-                "LINK_UNHEALTHY",
-                f"the last checkpoint of {spec.name} was ACKed "
-                f"{'never' if age is None else f'{age:.3g} s ago'} (bound {bound:g} s): "
-                "the link is not healthy",
-            )
 
     def failover(self, name: str, force: bool) -> None:
         rec = self.registry.get(name)
