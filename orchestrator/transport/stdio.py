@@ -70,6 +70,7 @@ fd 1 can corrupt it; start none.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import fcntl
@@ -377,7 +378,7 @@ class _Uplink:
 # -- the primary: one duplex byte pipe to the secondary ---------------------------------------
 
 
-class PrimaryLink(_Link):
+class PrimaryLink(_Link, abc.ABC):
     """The primary's pumps over one duplex byte pipe to the secondary: the stream
     and control go out multiplexed, control comes back.
 
@@ -398,22 +399,22 @@ class PrimaryLink(_Link):
         self._clean = False  # the secondary ended control before its output
         self._up_running = 2  # the threads writing to the peer: the last one out ends it
 
+    @abc.abstractmethod
     def _send(self, data: Buffer) -> None:
         """All of ``data`` to the secondary (blocking)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _recv(self) -> bytes:
         """The next bytes from the secondary (blocking); b"" at the end."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _end_output(self) -> None:
         """Nothing more goes to the secondary: it sees the end of its input."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def close(self, grace: float = 3.0) -> None:
         """End both channels; the secondary gets ``grace`` seconds to exit on the EOF
         before it is made to. Does not block."""
-        raise NotImplementedError
 
     def _start_pumps(self) -> None:
         self._spawn("stream-up", self._stream_up)
