@@ -224,7 +224,7 @@ async def _run_primary(
                 marker_path(path.parent, spec.name).unlink()
             guard = FenceGuard(hv.name, info.domid, info.name, path.parent)
         primary = RemusPrimary(hv, info, stream, ctl, spec, devices, fence=guard, lease=lease)
-    peer = "blackhole (-b)" if spec.blackhole else spec.peer or spec.ssh or (command or "")
+    peer = "blackhole (-b)" if spec.blackhole else spec.target or (command or "")
     if spec.blackhole:
         link_mode = "none"
     elif spec.ssh:

@@ -415,7 +415,7 @@ class Primary(abc.ABC):
         (``_after_lease``): destroyed if the secondary took over, resumed if the
         lease is ours again and nobody did. Without a witness it stays paused: an
         administrator must tell."""
-        peer = self.spec.peer or self.spec.ssh or "the secondary"
+        peer = self.spec.target or "the secondary"
         try:
             if self.lease is not None:
                 # let go before the secondary is told, so that its first attempt takes
@@ -910,6 +910,13 @@ class Secondary(abc.ABC):
                     "nothing to fail over to: no complete checkpoint"
                     + (f" ({self.figures.reason})" if self.figures.reason else "")
                 )
+            handed = self.link.switchover
+            if handed is not None and self.complete_checkpoints() < handed.seq:
+                # not reachable from a well-behaved primary: it waits for our ACK
+                raise ReplicationError(
+                    f"switchover after checkpoint {handed.seq}, but only "
+                    f"{self.complete_checkpoints()} are complete here"
+                )
             if self.lease is not None:
                 staging = asyncio.create_task(self._stage())
                 try:
@@ -919,13 +926,6 @@ class Secondary(abc.ABC):
                     staged = await asyncio.gather(staging, return_exceptions=True)
                 if isinstance(staged[0], BaseException):
                     raise staged[0]
-            handed = self.link.switchover
-            if handed is not None and self.complete_checkpoints() < handed.seq:
-                # not reachable from a well-behaved primary: it waits for our ACK
-                raise ReplicationError(
-                    f"switchover after checkpoint {handed.seq}, but only "
-                    f"{self.complete_checkpoints()} are complete here"
-                )
             self.figures.state = State.FAILING_OVER
             info = await self._take_over()
             self.figures.state = State.FAILED_OVER  # only once the guest runs here

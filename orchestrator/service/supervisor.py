@@ -139,6 +139,14 @@ class Worker:
             self.final = st
         return self.final
 
+    async def exited(self, timeout: float, watch: Callable[[], object] | None = None) -> None:
+        """Until the process has ended or ``timeout`` passed; ``watch`` on each look."""
+        deadline = time.monotonic() + timeout
+        while self.alive() and time.monotonic() < deadline:
+            if watch is not None:
+                watch()
+            await asyncio.sleep(0.05)
+
     def alive(self) -> bool:
         if self.proc is not None:
             return self.proc.poll() is None
@@ -321,10 +329,7 @@ class Supervisor:
         w = self.workers.get(spec.name)
         st = w.seen(self.read_status(spec.name)) if w is not None else None
         if w is not None and w.role is Role.SECONDARY and st and st.state is State.FAILED_OVER:
-            # the guest runs here; its worker is letting the lease go and exits
-            deadline = time.monotonic() + 10
-            while w.alive() and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            await w.exited(10)  # the guest runs here; its worker lets the lease go, exits
             self._poll_one(spec.name)
         if spec.name in self.workers and self.workers[spec.name].alive():
             raise ProtectError("ALREADY_PROTECTED", f"{spec.name} is already protected")
@@ -420,9 +425,7 @@ class Supervisor:
         if w is not None and w.alive():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(w.pid, signal.SIGTERM)
-            deadline = time.monotonic() + 15
-            while w.alive() and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            await w.exited(15)
         self._poll_one(name)
         self.workers.pop(name, None)
         # no restart is due for a protection ended on purpose
@@ -498,16 +501,10 @@ class Supervisor:
             name,
             None,
         )
-        deadline = (
-            time.monotonic()
-            + spec.interval_s
-            + spec.ack_timeout_s
-            + spec.takeover_window_s
-            + SWITCHOVER_WAIT_S
+        await w.exited(
+            spec.interval_s + spec.ack_timeout_s + spec.takeover_window_s + SWITCHOVER_WAIT_S,
+            lambda: w.seen(self.read_status(name)),
         )
-        while w.alive() and time.monotonic() < deadline:
-            w.seen(self.read_status(name))
-            await asyncio.sleep(0.05)
         final = w.seen(self.read_status(name))  # its last word, before the peer's
         self._poll_one(name)
         if final is None or final.state is not State.SWITCHED_OVER:
