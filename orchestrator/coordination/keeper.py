@@ -41,6 +41,7 @@ class LeaseKeeper:
         clock: Callable[[], float] = time.monotonic,
         *,
         on_change: OnChange | None = None,
+        observe: bool = False,
     ) -> None:
         if not 0 < ttl_s <= witness.ttl_s:
             # renewing every ttl/3 of a longer TTL than the witness grants
@@ -57,10 +58,14 @@ class LeaseKeeper:
         self._last_state = self._lease.state
         # renew every ttl/3: two renewals can fail before the lease runs out
         self._renew_every_s = ttl_s / 3
-        # a waiting member retries often enough that a takeover follows the
-        # old lease's expiry closely, but not so often that each failed etcd
-        # attempt (which grants a lease that lingers for a TTL) piles up
-        self._attempt_every_s = min(max(ttl_s / 10, 0.05), 0.25)
+        # a waiting member retries (and an observing one looks) often enough
+        # that a takeover follows the old lease's expiry closely; a try while
+        # another holds the lock is one read (the witness grants no lease for it)
+        self._attempt_every_s = min(max(ttl_s / 40, 0.025), 0.25)
+        # a member that will want the lease (a secondary) watches the holder's
+        # renewals before it wants it, so its takeover can count the holder's
+        # TTL from the holder's last renewal rather than from its own first look
+        self._observe = observe
         self._want = False
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -165,6 +170,10 @@ class LeaseKeeper:
         try:
             while not self._stopping:
                 delay = await self._step()
+                # acquire() looks again after every step: a renewal can make us
+                # the holder as well as an acquisition (an EXPIRED lease that
+                # the witness still had, once it answers again)
+                self._attempted.set()
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
@@ -191,12 +200,15 @@ class LeaseKeeper:
             # never held, released, lost, or expired and gone from the
             # witness: only an explicit acquire() takes it (again)
             await self._try_acquire()
-            self._attempted.set()
             return 0.0 if self.held() else self._attempt_every_s
         if state is LeaseState.EXPIRED:
             # gone from the witness: keep asking who holds it, so a healed
             # partition turns EXPIRED into LOST
             return await self._renew()
+        if self._observe and state is LeaseState.NOT_HELD and self._witness.expires:
+            with contextlib.suppress(WitnessError):
+                await self._witness.observe(self._name)
+            return self._attempt_every_s
         # not held and not wanted (never asked, released, or lost): idle until asked
         return math.inf
 

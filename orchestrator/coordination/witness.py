@@ -12,6 +12,19 @@ it on tooz with one tooz lock per protection name (`remus-<name>`):
   is a key put under a fresh etcd lease only if the key does not exist; the
   key goes when the lease expires, so `expires` is True.
 
+On etcd, a waiting member does not wait for etcd to delete an expired key.
+etcd revokes expired leases in a loop that runs every 500 ms, so a takeover
+that waits for the key comes up to half a second after the holder's lease ran
+out. Instead, every renewal re-puts the lock key (only while it is still
+ours), so the key's revision moves on each renewal the holder counts on. A
+waiting member that `observe`s the key notes when it first saw each revision.
+Once a revision has stood for the holder's granted TTL (plus a margin for the
+two clocks' rates), it deletes the key, if its revision is still that one,
+and takes the lock. That is safe because the holder counts a renewal only
+once its re-put committed, which is before we saw it. Its validity runs from
+before that renewal's request, so it ends before our deadline. A re-put that
+comes after our delete fails its compare, so the holder counts nothing more.
+
 Every tooz call runs in one worker thread of the witness and is bounded by
 `op_timeout_s` (a quarter of the TTL by default): a witness that hangs makes
 a call fail with `WitnessError` in bounded time, never blocks the caller, and
@@ -23,12 +36,14 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import base64
 import concurrent.futures
 import contextlib
 import math
 import os
 import re
 import threading
+import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -171,6 +186,17 @@ class Witness(abc.ABC):
     async def clear_taken_over(self, name: str) -> None:
         """The lease holder starts a protection afresh: forget old takeovers."""
 
+    async def observe(self, name: str) -> None:
+        """Note, for a name another member holds, its latest renewal.
+
+        A member that will want the lock calls this while it waits, so that a
+        takeover can count the holder's TTL from the holder's last renewal.
+        It is only an optimisation: without it, an acquisition counts from
+        its own first look. Nothing to note by default (a lock that cannot
+        expire). Raises WitnessError if the witness could not answer.
+        """
+        _check_name(name)
+
     @abc.abstractmethod
     async def stop(self) -> None:
         """Release everything held and disconnect."""
@@ -182,6 +208,18 @@ class _Ticket:
 
     abandoned: bool = False
     committed: bool = False
+
+
+@dataclass
+class _Seen:
+    """Another member's hold on a name, as we saw it (etcd): the lock key's
+    revision, its lease, and when we first saw that revision (our monotonic
+    clock). The granted TTL is fetched once, when the revision is old enough."""
+
+    mod_revision: int
+    lease_id: int
+    since: float
+    granted_ttl_s: float | None = None
 
 
 @dataclass
@@ -243,6 +281,12 @@ class ToozWitness(Witness):
         # driver keeps every lock it ever acquired in a set until a release
         # succeeds, so fresh objects per attempt would grow that set
         self._locks: dict[str, locking.Lock] = {}
+        # etcd: the lock key as we last saw it, per name we do not hold; one
+        # entry per name, dropped when we take it
+        self._seen: dict[str, _Seen] = {}
+        # how much later than the holder's TTL we delete its key: for the two
+        # monotonic clocks' rates (NTP slews at most 500 ppm) and then some
+        self._break_margin_s = max(0.02, self._ttl_s * 0.01)
 
     def __repr__(self) -> str:
         return f"ToozWitness({self._url!r}, member={self._member!r}, ttl_s={self._ttl_s})"
@@ -409,15 +453,33 @@ class ToozWitness(Witness):
         if self._coord is None:
             raise WitnessError("witness stopped")
         lock = self._lock_for(name)
+        broken = 0  # the lease of a key we deleted: its holder stopped renewing
+        if self._scheme in ETCD_SCHEMES:
+            seen = self._observe_sync(name)
+            if seen is not None:
+                # held by another: a failed tooz attempt would only grant a
+                # lease that lingers for a TTL, so try only once it is free
+                # or we may break it
+                if not self._stale(seen):
+                    return False
+                broken = self._break_sync(name, seen)
         # file: a non-blocking fcntl lock; etcd: grant a lease, then a txn
         # that puts the key only if it does not exist (tooz's Etcd3Lock)
-        if not lock.acquire(blocking=False):
+        got = lock.acquire(blocking=False)
+        if broken:
+            # etcd holds a renewal of an expired lease until its revocation
+            # loop comes round: revoke it, so the old holder hears at once
+            # that its lease is gone (after the acquisition: off its path)
+            with contextlib.suppress(*_backend_errors()):
+                self._etcd().post(self._etcd().get_url("/kv/lease/revoke"), json={"ID": broken})
+        if not got:
             return False
         inode = self._inode(name) if self._scheme in FILE_SCHEMES else None
         with self._mu:
             if not ticket.abandoned:
                 self._held[name] = _Held(lock, inode)
                 self._lost.discard(name)
+                self._seen.pop(name, None)
                 ticket.committed = True
                 return True
         lock.release()
@@ -448,8 +510,7 @@ class ToozWitness(Witness):
         from tooz.drivers import etcd3gw as tooz_etcd3gw
 
         assert isinstance(self._coord, tooz_etcd3gw.Etcd3Driver)
-        key = tooz_etcd3gw.Etcd3Lock.LOCK_PREFIX + (LOCK_PREFIX + name).encode()
-        return bool(self._coord.client.get(key.decode()))
+        return bool(self._coord.client.get(self._key(name)))
 
     def _refresh_sync(self, name: str, held: _Held) -> Refresh:
         if self._scheme in FILE_SCHEMES:
@@ -473,13 +534,97 @@ class ToozWitness(Witness):
         if not isinstance(lease, etcd3gw_lease.Lease):
             raise WitnessError("tooz's Etcd3Lock has no etcd3gw lease (tooz changed?)")
         ttl = lease.refresh()
-        if ttl > 0:
+        # the renewal counts only once the key's revision has moved on while
+        # it is still ours: a waiting member counts our TTL from the revision
+        # it saw last (see the module's docstring)
+        if ttl > 0 and self._reput_sync(name, held.lock, lease.id):
             return Refresh(RefreshOutcome.RENEWED, ttl_s=float(ttl))
-        # our lease (and the key it carried) is gone: does anyone hold it now?
+        # our lease (and the key it carried) is gone, or the key was deleted
+        # by a member that saw our renewals stop: does anyone hold it now?
         self._forget(name)
         if self._other_holds(name):
             return Refresh(RefreshOutcome.TAKEN, detail="our lease expired; another holds it")
         return Refresh(RefreshOutcome.EXPIRED, detail="our lease expired at the witness")
+
+    @staticmethod
+    def _key(name: str) -> bytes:
+        from tooz.drivers import etcd3gw as tooz_etcd3gw
+
+        return tooz_etcd3gw.Etcd3Lock.LOCK_PREFIX + (LOCK_PREFIX + name).encode()
+
+    def _key_b64(self, name: str) -> str:
+        # transactions take keys base64-encoded, as the gateway has them; get() encodes
+        return base64.b64encode(self._key(name)).decode("ascii")
+
+    def _etcd(self) -> Any:
+        from tooz.drivers import etcd3gw as tooz_etcd3gw
+
+        assert isinstance(self._coord, tooz_etcd3gw.Etcd3Driver)
+        return self._coord.client
+
+    def _reput_sync(self, name: str, lock: locking.Lock, lease_id: int) -> bool:
+        """Put our lock key again, under our lease, if it still holds our uuid."""
+        ours = getattr(lock, "_uuid", None)
+        if not isinstance(ours, str):
+            raise WitnessError("tooz's Etcd3Lock has no uuid (tooz changed?)")
+        key = self._key_b64(name)
+        txn = {
+            "compare": [{"key": key, "result": "EQUAL", "target": "VALUE", "value": ours}],
+            "success": [{"request_put": {"key": key, "value": ours, "lease": lease_id}}],
+        }
+        return self._etcd().transaction(txn).get("succeeded", False) is True
+
+    def _observe_sync(self, name: str) -> _Seen | None:
+        """The lock key as etcd has it now (None if absent), noting a new revision."""
+        kvs = self._etcd().get(self._key(name), metadata=True)
+        now = time.monotonic()
+        with self._mu:
+            if not kvs:
+                self._seen.pop(name, None)
+                return None
+            meta = kvs[0][1]
+            revision, lease_id = int(meta["mod_revision"]), int(meta.get("lease", 0))
+            seen = self._seen.get(name)
+            if seen is None or (seen.mod_revision, seen.lease_id) != (revision, lease_id):
+                seen = self._seen[name] = _Seen(revision, lease_id, now)
+            return seen
+
+    def _stale(self, seen: _Seen) -> bool:
+        """The holder has not renewed for its whole TTL since we saw its last renewal."""
+        if seen.lease_id == 0:
+            return False  # not a tooz lock (no lease): never ours to break
+        if seen.granted_ttl_s is None:
+            # the holder's own TTL, which may be longer than ours
+            if time.monotonic() - seen.since < self._ttl_s:
+                return False
+            answer = self._etcd().post(
+                self._etcd().get_url("/kv/lease/timetolive"), json={"ID": seen.lease_id}
+            )
+            granted = int(answer.get("grantedTTL", 0) or 0)
+            if granted <= 0:
+                return False  # the lease is going: etcd deletes its key itself
+            seen.granted_ttl_s = float(granted)
+        return time.monotonic() - seen.since >= seen.granted_ttl_s + self._break_margin_s
+
+    def _break_sync(self, name: str, seen: _Seen) -> int:
+        """Delete the lock key if it is still at the revision we saw go stale; the
+        lease it was under if we did, else 0."""
+        key = self._key_b64(name)
+        same = {"key": key, "result": "EQUAL", "target": "MOD", "mod_revision": seen.mod_revision}
+        txn = {"compare": [same], "success": [{"request_delete_range": {"key": key}}]}
+        deleted = self._etcd().transaction(txn).get("succeeded", False) is True
+        with self._mu:
+            self._seen.pop(name, None)
+        return seen.lease_id if deleted else 0
+
+    async def observe(self, name: str) -> None:
+        _check_name(name)
+        if self._scheme not in ETCD_SCHEMES:
+            return
+        with self._mu:
+            if name in self._held:
+                return
+        await self._call(f"observe {name}", lambda _a: self._observe_sync(name))
 
     def _forget(self, name: str) -> None:
         with self._mu:

@@ -123,7 +123,11 @@ async def open_lease(spec: ProtectionSpec, domain_uuid: str, role: str) -> Lease
         witness = await open_witness(spec.witness, member, spec.lease_ttl_s)
     except WitnessError as exc:
         raise ReplicationError(f"witness {spec.witness}: {exc}") from None
-    keeper = LeaseKeeper(witness, lease_name(domain_uuid), spec.lease_ttl_s)
+    # a secondary watches the primary's renewals from the start: its takeover
+    # then counts the primary's TTL from the last one (coordination.witness)
+    keeper = LeaseKeeper(
+        witness, lease_name(domain_uuid), spec.lease_ttl_s, observe=role == "secondary"
+    )
     keeper.start()
     return keeper
 

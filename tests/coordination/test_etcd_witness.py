@@ -109,6 +109,73 @@ def test_keeper_stopped_then_acquire_waits_for_expiry(etcd: EtcdServer) -> None:
     asyncio.run(go())
 
 
+async def _observing(url: str, holder: Holder, fault: bool) -> float | None:
+    """A keeper that observes the holder's renewals, then asks for the lease: with
+    ``fault``, after SIGSTOPping the holder (the seconds between the holder's
+    validity and our acquisition); without, for 4 TTLs while the holder renews
+    (None: it never got the lease)."""
+    b = await open_witness(url, "hostB", TTL)
+    kb = LeaseKeeper(b, NAME, TTL, observe=True)
+    try:
+        kb.start()
+        await asyncio.sleep(0.5)
+        if not fault:
+            assert not await kb.acquire(4 * TTL)
+            assert kb.state is LeaseState.NOT_HELD
+            return None
+        holder.signal(signal.SIGSTOP)
+        t_stop = time.monotonic()
+        await asyncio.sleep(0.05)
+        last_valid = holder.last_valid_until()
+        assert last_valid is not None
+        assert await kb.acquire(5.0)
+        t_acq = time.monotonic()
+        assert t_acq >= last_valid
+        print(f"\nobserved takeover: {t_acq - t_stop:.3f}s after SIGSTOP, "
+              f"{t_acq - last_valid:.3f}s after A's validity (TTL {TTL}s)")
+        holder.signal(signal.SIGCONT)
+        lost = holder.wait_for("state", "lost", timeout=5)
+        assert "another" in lost["reason"], lost
+        holder.send("renew")
+        assert holder.wait_for("renew", False)["state"] == "lost"
+        assert state_of(kb) is LeaseState.HELD and await b.renew()
+        return t_acq - last_valid
+    finally:
+        await kb.stop()
+        await b.stop()
+
+
+def test_an_observer_never_breaks_the_lock_of_a_holder_that_renews(etcd: EtcdServer) -> None:
+    """The early takeover deletes a key whose revision stood for a TTL; a holder's
+    renewals move the revision on, so a watcher trying all along never gets it."""
+    holder = Holder(etcd.url, "hostA", NAME, TTL)
+    try:
+        holder.wait_for("state", "held")
+        assert asyncio.run(_observing(etcd.url, holder, fault=False)) is None
+        holder.drain()
+        assert all(m.get("state") in (None, "held") for m in holder.seen), holder.seen[-5:]
+    finally:
+        holder.close()
+
+
+def test_an_observed_holder_that_stops_is_taken_over_after_its_validity(
+    etcd: EtcdServer,
+) -> None:
+    """A watcher that saw the holder's last renewal takes over once that renewal's
+    TTL has run out, without waiting for etcd's own revocation (a loop every
+    500 ms): never before the holder's validity, and the holder, resumed, learns
+    of it and renews nothing."""
+    late: list[float | None] = []
+    for _ in range(3):
+        holder = Holder(etcd.url, "hostA", NAME, TTL)
+        try:
+            holder.wait_for("state", "held")
+            late.append(asyncio.run(_observing(etcd.url, holder, fault=True)))
+        finally:
+            holder.close()
+    print(f"observed takeovers after the validity: {[round(t or 0.0, 3) for t in late]} s")
+
+
 def test_etcd_killed_fence_before_expiry_then_restart(etcd: EtcdServer) -> None:
     ttl = 2.0
     margin = ttl / 3
