@@ -56,6 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from orchestrator.hypervisors.sim import SimHypervisor  # noqa: E402
+from orchestrator.transport.tls import Identity  # noqa: E402
 from tests.etcd import EtcdServer, free_port  # noqa: E402
 
 MODES = ("none", "file", "etcd")
@@ -389,6 +390,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="remus-bench-") as tmp_s:
         tmp = Path(tmp_s)
         a, b = SimHypervisor(tmp / "a"), SimHypervisor(tmp / "b")
+        # the replication link is mutual TLS by default: each host's identity,
+        # each trusting the other's certificate (what `remusctl demo` sets up)
+        for hv in (a, b):
+            Identity(hv.tls_dir()).init(hv.host.name)
+        for hv, peer in ((a, b), (b, a)):
+            Identity(hv.tls_dir()).trust(str(Identity(peer.tls_dir()).cert_path), peer.host.name)
         logs = tmp / "logs"
         logs.mkdir()
         etcd = None

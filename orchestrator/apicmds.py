@@ -198,6 +198,14 @@ def api_host_info(args: argparse.Namespace) -> int:
         f"replication:  {rep['listen']} (protocol {rep['protocol_version']}, "
         f"link {rep.get('link', '?')})",
     ]
+    mem = h.get("memory") or {}
+    if "free_bytes" in mem:
+        lines.append(
+            f"memory:       {mem['free_bytes'] >> 20} MiB free of {mem['total_bytes'] >> 20} MiB, "
+            f"{mem['claimed_bytes'] >> 20} MiB claimed ({mem['source']})"
+        )
+    else:
+        lines.append(f"memory:       unknown ({mem.get('error', 'not reported')})")
     ident = h.get("identity") or {}
     lines.append(f"identity:     {ident.get('fingerprint') or 'none (remusctl host init)'}")
     lines += [

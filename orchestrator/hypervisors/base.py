@@ -12,6 +12,7 @@ the Xen backend.
 from __future__ import annotations
 
 import abc
+import contextlib
 import enum
 import mmap
 import os
@@ -99,6 +100,17 @@ class DomainInfo:
     address: str = ""  # where the guest's service listens, if the backend knows
 
 
+@dataclass(frozen=True)
+class HostMemory:
+    """What a host can give a new domain: a peer's pre-flight compares free_bytes
+    with the domain's memory."""
+
+    total_bytes: int
+    free_bytes: int  # for a new domain now, claims already made deducted
+    claimed_bytes: int  # promised to domains still being built (Xen's claims)
+    source: str  # where the figures come from
+
+
 class Hypervisor(abc.ABC):
     """One host's hypervisor."""
 
@@ -165,6 +177,21 @@ class Hypervisor(abc.ABC):
     @abc.abstractmethod
     def helper_env(self) -> dict[str, str]:
         """Environment for libxl-save-helper (which helper, which host)."""
+
+    def memory(self) -> HostMemory:
+        """The memory a restored copy could have here, as this backend counts it.
+
+        By default the host kernel's MemAvailable: a simulated guest is a process
+        of this host. A backend with memory of its own (Xen's heap, which dom0's
+        /proc/meminfo does not show) says what its hypervisor says."""
+        total = available = 0
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemTotal:"):
+                    total = int(line.split()[1]) * 1024
+                elif line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+        return HostMemory(total, available, 0, "/proc/meminfo MemAvailable")
 
     def default_witness(self) -> str | None:
         """The witness a protection uses when none is named (tooz's URL), or None when

@@ -35,12 +35,13 @@ from .base import (
     Capability,
     DomainInfo,
     DomainNotFound,
+    HostMemory,
     Hypervisor,
     HypervisorError,
     NotRunning,
     SuspendTimeout,
 )
-from .xenctrl import XcDomainInfo, XenCtrl
+from .xenctrl import XC_PAGE_SIZE, XcDomainInfo, XenCtrl
 
 XENSTORED_SOCKET: Final = "/run/xenstored/socket"
 XENBUS: Final = "/dev/xen/xenbus"
@@ -290,6 +291,17 @@ class XenHypervisor(Hypervisor):
 
     def helper_env(self) -> dict[str, str]:
         return {"LIBXL_SAVE_HELPER": os.environ.get("LIBXL_SAVE_HELPER") or save_helper_path()}
+
+    def memory(self) -> HostMemory:
+        """Xen's own free memory: dom0's /proc/meminfo shows dom0's share only."""
+        p = self.xc.physinfo()
+        free = max(0, p.free_pages + p.scrub_pages - p.outstanding_pages)
+        return HostMemory(
+            total_bytes=p.total_pages * XC_PAGE_SIZE,
+            free_bytes=free * XC_PAGE_SIZE,
+            claimed_bytes=p.outstanding_pages * XC_PAGE_SIZE,
+            source="xc_physinfo: free + scrub - outstanding claims",
+        )
 
     def vif_name(self, domid: int) -> str | None:
         vif = f"vif{domid}.0"

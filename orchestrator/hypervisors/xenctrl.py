@@ -1,7 +1,8 @@
 """libxenctrl (and libxenguest's resume) through ctypes, for Xen 4.17.
 
 Only the calls Remus needs from the toolstack's C libraries: domain info,
-pause/unpause, destroy and the fast resume that cancels a suspend. The
+pause/unpause, destroy, the fast resume that cancels a suspend, and the host's
+free memory (``xc_physinfo``). The
 structure layout is Xen 4.17's ``xen_domctl_getdomaininfo`` (``xc_domaininfo_t``
 since 4.17's ``xc_domain_getinfolist``); ``tests/xen`` compiles a C program
 against the installed headers and checks every offset here against it.
@@ -70,6 +71,44 @@ class XcDomainInfoStruct(ctypes.Structure):
         ("pad2", ctypes.c_uint8 * 7),
         ("arch_config", XenArchDomainConfig),
     ]
+
+
+class XcPhysinfoStruct(ctypes.Structure):
+    """``xc_physinfo_t`` = ``struct xen_sysctl_physinfo`` (Xen 4.17)."""
+
+    _fields_ = [
+        ("threads_per_core", ctypes.c_uint32),
+        ("cores_per_socket", ctypes.c_uint32),
+        ("nr_cpus", ctypes.c_uint32),
+        ("max_cpu_id", ctypes.c_uint32),
+        ("nr_nodes", ctypes.c_uint32),
+        ("max_node_id", ctypes.c_uint32),
+        ("cpu_khz", ctypes.c_uint32),
+        ("capabilities", ctypes.c_uint32),
+        ("arch_capabilities", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("total_pages", ctypes.c_uint64),
+        ("free_pages", ctypes.c_uint64),
+        ("scrub_pages", ctypes.c_uint64),
+        ("outstanding_pages", ctypes.c_uint64),
+        ("max_mfn", ctypes.c_uint64),
+        ("hw_cap", ctypes.c_uint32 * 8),
+    ]
+
+
+XC_PAGE_SIZE: Final = 4096
+
+
+@dataclass(frozen=True)
+class Physinfo:
+    """Xen's heap, in pages: free and being scrubbed (free once scrubbed, what
+    libxl counts as free), and outstanding claims (promised to domains being
+    built, not yet allocated)."""
+
+    total_pages: int
+    free_pages: int
+    scrub_pages: int
+    outstanding_pages: int
 
 
 class XenCtrlError(HypervisorError):
@@ -157,6 +196,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     for fn in ("xc_domain_pause", "xc_domain_unpause", "xc_domain_destroy"):
         getattr(lib, fn).argtypes = [vp, u32]
         getattr(lib, fn).restype = c_int
+    lib.xc_physinfo.argtypes = [vp, ctypes.POINTER(XcPhysinfoStruct)]
+    lib.xc_physinfo.restype = c_int
     lib.xc_version.argtypes = [vp, c_int, vp]
     lib.xc_version.restype = c_int
 
@@ -234,6 +275,12 @@ class XenCtrl:
         self._check(
             "xc_domain_resume", domid, self._guest.xc_domain_resume(self._xch, domid, int(fast))
         )
+
+    def physinfo(self) -> Physinfo:
+        info = XcPhysinfoStruct()
+        ctypes.set_errno(0)
+        self._check("xc_physinfo", None, self._ctrl.xc_physinfo(self._xch, ctypes.byref(info)))
+        return Physinfo(info.total_pages, info.free_pages, info.scrub_pages, info.outstanding_pages)
 
     def version(self) -> str:
         ver = self._check(

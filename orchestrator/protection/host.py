@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import socket
@@ -57,7 +58,6 @@ __all__ = [
     "Reason",
     "check_peer",
     "describe_host",
-    "free_memory",
     "host_facts",
     "identity_facts",
     "link_of",
@@ -173,21 +173,11 @@ def netbuf_options(hv: Hypervisor, domid: int) -> dict[str, str | None]:
     }
 
 
-def free_memory() -> int:
-    """Bytes of memory available for a restored copy (what a peer's pre-flight compares)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def describe_host(hv: Hypervisor) -> dict[str, Any]:
     """What this host tells a primary's PROBE: room, names taken, backend."""
     return {
-        "free_memory_bytes": free_memory(),
+        # 0 if the hypervisor cannot tell: the peer's pre-flight then refuses
+        "free_memory_bytes": int(_memory_facts(hv).get("free_bytes", 0)),
         "domains": [d.name for d in hv.list_domains()],
         "backend": hv.name,
         # what the peer's pre-flight checks (COLO needs it here), never our name
@@ -217,7 +207,16 @@ def host_facts(hv: Hypervisor) -> dict[str, Any]:
         },
         "protocol_version": PROTOCOL_VERSION,
         "identity": identity_facts(hv),
+        # what a primary's pre-flight reads from this host as its peer
+        "memory": _memory_facts(hv),
     }
+
+
+def _memory_facts(hv: Hypervisor) -> dict[str, Any]:
+    try:
+        return dataclasses.asdict(hv.memory())
+    except HypervisorError as exc:
+        return {"error": str(exc)}
 
 
 async def preflight(hv: Hypervisor, spec: ProtectionSpec) -> list[Reason]:

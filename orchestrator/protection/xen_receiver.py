@@ -49,6 +49,7 @@ from ..transport.control import Hello
 from ..transport.controlio import Control
 from .session import ReplicationError, Secondary, ack_digest
 from .spec import ProtectionSpec
+from .xl_guard import XlGuard
 
 BANNER: Final = b"xl migration receiver ready, send binary domain data.\n"
 _FAILOVER_RE: Final = re.compile(rb"Remus Failover for domain (\d+)")
@@ -59,15 +60,29 @@ class XlReceiveError(ReplicationError):
 
 
 class XlMigrateReceive:
-    """`xl migrate-receive -r -e` as a child process with its stdin and stdout ours."""
+    """`xl migrate-receive -r -e` as a child process with its stdin and stdout ours.
 
-    def __init__(self, xl_path: str | None = None, timeout: float = 30.0) -> None:
+    With ``guard`` (the backend's name), an :class:`~.xl_guard.XlGuard` holds xl's
+    input open too, so that our death never reaches xl as the end of input that it
+    would take for a failover."""
+
+    def __init__(
+        self,
+        xl_path: str | None = None,
+        timeout: float = 30.0,
+        *,
+        guard: str | None = None,
+    ) -> None:
         # $REMUS_XL: another xl (a wrapper that logs or copies its input, say)
         self.xl_path = xl_path or os.environ.get("REMUS_XL", "xl")
         self.timeout = timeout
         self.proc: asyncio.subprocess.Process | None = None
+        self._guard_backend = guard
+        self.guard: XlGuard | None = None
 
-    async def start(self) -> None:
+    async def start(self, incoming: str = "") -> None:
+        """``incoming``: the domain xl restores (NAME--incoming), which a guard
+        destroys if we die."""
         # REMUS_XL_VERBOSE=1: libxl's and libxc's debug log on xl's stderr
         verbose = ["-vvv"] if os.environ.get("REMUS_XL_VERBOSE") == "1" else []
         self.proc = await asyncio.create_subprocess_exec(
@@ -80,7 +95,10 @@ class XlMigrateReceive:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
-        assert self.proc.stdout is not None
+        assert self.proc.stdout is not None and self.proc.stdin is not None
+        if self._guard_backend is not None:
+            pipe = self.proc.stdin.transport.get_extra_info("pipe")
+            self.guard = XlGuard(self._guard_backend, self.proc.pid, pipe.fileno(), incoming)
         try:
             async with asyncio.timeout(self.timeout):
                 banner = await self.proc.stdout.readexactly(len(BANNER))
@@ -108,6 +126,7 @@ class XlMigrateReceive:
         assert self.proc is not None and self.proc.stdin is not None
         with contextlib.suppress(ConnectionError):
             await self.drain()  # all released checkpoints, the ACKed ones among them
+            await self._let_go()  # the guard's end first: ours is then the last
             self.proc.stdin.close()
         err = await self._stderr()
         rc = await self.proc.wait()
@@ -122,9 +141,17 @@ class XlMigrateReceive:
                 return (await self.proc.stderr.read()).decode(errors="replace")
         return ""
 
+    async def _let_go(self) -> None:
+        guard, self.guard = self.guard, None
+        if guard is not None:
+            await asyncio.to_thread(guard.let_go)
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
+        guard, self.guard = self.guard, None
+        if guard is not None:
+            guard.let_go()  # xl is killed already: nothing left to guard
 
 
 class XenRemusSecondary(Secondary):
@@ -141,7 +168,9 @@ class XenRemusSecondary(Secondary):
     ) -> None:
         super().__init__(hv, stream, control, spec, last_input=last_input)
         # xl's restore of a big first checkpoint takes a while under TCG: no hurry
-        self.xl = XlMigrateReceive(xl_path, timeout=max(30.0, 4 * spec.ack_timeout_s))
+        self.xl = XlMigrateReceive(
+            xl_path, timeout=max(30.0, 4 * spec.ack_timeout_s), guard=hv.name
+        )
         self.gate = CheckpointGate(Layer.LIBXL)
         self.domid: int | None = None
         self._to_xl: collections.deque[bytes] = collections.deque()
@@ -174,7 +203,7 @@ class XenRemusSecondary(Secondary):
             state="incoming",
             config=peer.config,
         )
-        await self.xl.start()
+        await self.xl.start(incoming=f"{target.name}--incoming")
         try:
             await self.xl.send(xl.SavefileHeader(json.dumps(peer.config).encode()).encode())
         except BaseException:

@@ -205,6 +205,11 @@ def test_protect_errors_are_typed_and_name_the_failed_checks(two: tuple[Remusd, 
         host = c.get("/v1/host")
         assert host["backend"] == "sim" and host["replication"]["protocol_version"] == 1
         assert host["helper"]["path"]
+        # a simulated guest is a process here: the host kernel's count is the one
+        mem = host["memory"]
+        assert mem["source"].startswith("/proc/meminfo") and 0 < mem["free_bytes"] <= mem[
+            "total_bytes"
+        ], mem
 
 
 def test_restart_of_remusd_mid_protection_loses_nothing(two: tuple[Remusd, Remusd]) -> None:

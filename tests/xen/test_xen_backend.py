@@ -116,6 +116,11 @@ int main(void) {
            XEN_DOMINF_shutdownmask, XEN_DOMINF_shutdownshift);
     printf("XENVER_version %d\nXENVER_extraversion %d\nSHUTDOWN_suspend %d\n",
            XENVER_version, XENVER_extraversion, SHUTDOWN_suspend);
+    printf("XC_PAGE_SIZE %d\n", XC_PAGE_SIZE);
+#define P(f) printf("physinfo." #f " %zu\n", offsetof(xc_physinfo_t, f));
+    printf("physinfo.sizeof %zu\n", sizeof(xc_physinfo_t));
+    P(nr_cpus) P(capabilities) P(pad) P(total_pages) P(free_pages) P(scrub_pages)
+    P(outstanding_pages) P(max_mfn) P(hw_cap)
     return 0;
 }
 """
@@ -137,6 +142,10 @@ def test_ctypes_layout_matches_the_installed_headers(tmp_path: Path) -> None:
             line.split() for line in subprocess.check_output([exe], text=True).splitlines()
         )
     }
+    phys = {k.split(".", 1)[1]: c.pop(k) for k in list(c) if k.startswith("physinfo.")}
+    assert ctypes.sizeof(xenctrl.XcPhysinfoStruct) == phys.pop("sizeof")
+    for name, offset in phys.items():
+        assert getattr(xenctrl.XcPhysinfoStruct, name).offset == offset, name
     s = xenctrl.XcDomainInfoStruct
     assert ctypes.sizeof(s) == c.pop("sizeof")
     for name in list(c):
