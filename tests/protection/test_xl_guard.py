@@ -99,5 +99,5 @@ def test_a_failover_lets_the_guard_go_and_the_reader_sees_the_end(tmp_path: Path
     assert owner.stdout.readline().strip() == "done"
     assert owner.wait(20) == 0
     assert (tmp_path / "end-seen").read_text() == "end\n"
-    assert _exits(guard, 5)
+    assert _exits(reader, 5) and _exits(guard, 5)
     assert hv.lookup("vm--incoming").name == "vm--incoming"  # not the guard's to touch
