@@ -13,17 +13,20 @@ cps() { python3 -c "import json;print(json.load(open('/tmp/remus/labguest.json')
 t0=$(now)
 until [ "$(cps)" -ge 3 ]; do sleep 0.5; [ $(echo "$(now) $t0" | awk '{print ($1-$2 > 180)}') = 1 ] && { echo "no checkpoint in 180 s"; tail -20 /tmp/protect-sd.log; exit 1; }; done
 echo "guards=$(pgrep -fc orchestrator.protection.xl_guard)"
-pkill -9 -f "orchestrator.cli --backend xen receive"; t0=$(now)
+ps -eo pid,ppid,args | grep -E "xl |xl_guard|save-helper|orchestrator.cli" | grep -v grep
+# anchored: the primary's own command line holds the receiver's (its --to)
+pkill -9 -f "^python3 -m orchestrator.cli --backend xen receive"; t0=$(now)
 # the primary sees its link end and runs on; give xl (if it were to fail over) time
-until ! pgrep -f "orchestrator.cli --backend xen protect" >/dev/null; do
+until ! pgrep -f "^python3 -m orchestrator.cli --backend xen protect" >/dev/null; do
   sleep 0.5; [ $(echo "$(now) $t0" | awk '{print ($1-$2 > 90)}') = 1 ] && { echo "the primary did not end in 90 s"; break; }
 done
 sleep 10
 xl list
 echo "incoming=$(xl list | awk '$1 == "labguest--incoming"' | wc -l)"
-echo "xl_receivers=$(pgrep -fc 'xl.*migrate-receive')"
+ps -eo pid,ppid,args | grep -E "xl |xl_guard|save-helper|orchestrator.cli" | grep -v grep
+echo "xl_receivers=$(pgrep -fc '^/usr/lib/xen-[0-9.]*/bin/xl .*migrate-receive')"
 echo "primary_same=$([ "$(xl domid labguest 2>/dev/null)" = "$pdom" ] && echo yes || echo no)"
 echo "copies=$(running_copies)"
 echo "answers=$([ -n "$(KV_TIMEOUT=3 kv counter)" ] && echo yes || echo no)"
 python3 -c "import json;d=json.load(open('/tmp/remus/labguest.json'));print('status', d['role'], d['state'], 'reason:', d['reason'])"
-grep -h "remus-xl-guard" /tmp/protect-sd.log
+grep -h -A12 "remus-xl-guard" /tmp/protect-sd.log

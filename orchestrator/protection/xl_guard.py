@@ -36,7 +36,7 @@ import signal
 import subprocess
 import sys
 
-from ..hypervisors.base import DomainNotFound, Hypervisor, HypervisorError
+from ..hypervisors.base import Hypervisor, HypervisorError
 from ..hypervisors.select import open_hypervisor
 
 
@@ -101,13 +101,14 @@ def main(argv: list[str] | None = None) -> int:
         os.close(args.fd)
         return 1
     try:
-        info = hv.lookup(args.incoming)
-        hv.destroy(info.domid)
-        _log(f"destroyed the half-restored domain {args.incoming} ({info.domid})")
-    except DomainNotFound:
-        pass
-    except HypervisorError as exc:
-        _log(f"could not destroy {args.incoming}: {exc}")
+        # by the list, not lookup(): a half-built domain has no libxl configuration
+        # for `xl list -l` to print, and only its domid is needed here
+        for info in hv.list_domains():
+            if info.name == args.incoming:
+                hv.destroy(info.domid)
+                _log(f"destroyed the half-restored domain {args.incoming} ({info.domid})")
+    except Exception as exc:  # the pipe must still be let go below
+        _log(f"could not destroy {args.incoming}: {type(exc).__name__}: {exc}")
     os.close(args.fd)
     return 0
 

@@ -132,6 +132,7 @@ def test_secondary_orchestrator_killed_leaves_the_primary_alone(lab: Lab) -> Non
     failure and start a second copy). The xl guard kills xl and destroys the
     half-restored domain; the primary's guest runs on, the only copy."""
     r = lab.run(LIB + "source /opt/remus/lab/jobs/remus-secondary-dies.sh\n", timeout=420)
+    print(f"\n{r.output}")
     assert r.rc == 0, r.output
     assert "guards=1" in r.output, r.output
     assert "incoming=0" in r.output and "xl_receivers=0" in r.output, r.output
