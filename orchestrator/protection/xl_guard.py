@@ -12,9 +12,10 @@ is started beside xl with a duplicate of the pipe's write end (``pass_fds``),
 which it holds and never writes, so the pipe outlives the orchestrator. The
 guard reads its own stdin, a pipe from the orchestrator, to its end:
 
-* when the orchestrator ends xl's input on purpose (failover) or kills xl (the
-  copy is dropped), it kills the guard first: the guard's end of xl's pipe
-  goes with it, and the orchestrator's close is then the last one;
+* when the orchestrator ends xl's input on purpose (failover), it kills the
+  guard before it closes its own end: the guard's end of xl's pipe goes with
+  it, and the orchestrator's close is then the last one. When it drops the
+  copy, it kills xl and then the guard, which has nothing left to guard;
 * an end of file on the guard's stdin means the orchestrator died. The guard
   kills xl (through a pidfd opened at start, so never another process that
   got the pid), destroys the half-restored ``NAME--incoming`` domain xl leaves
